@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny synthetic scenes and helpers to run nerfstudio's real CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+"""The virtual environment's bin folder, where ns-train/ns-export live."""
+
+
+def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment of a subprocess that cannot download anything.
+
+    Web requests go to a closed local port, so a download fails at once with a network
+    error, as on an air-gapped cluster; TORCH_HOME is empty, so nothing is cached.
+    """
+    env = dict(os.environ)
+    closed = "http://127.0.0.1:9"
+    env.update(
+        http_proxy=closed,
+        https_proxy=closed,
+        HTTP_PROXY=closed,
+        HTTPS_PROXY=closed,
+        no_proxy="",
+        NO_PROXY="",
+        TORCH_HOME=str(tmp_path / "torch_home"),
+        HF_HUB_OFFLINE="1",
+        PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """Run a console script of this venv and return the finished process (text output)."""
+    exe = BIN / args[0]
+    return subprocess.run(
+        [str(exe), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# Flags that make nerfacto-based training cheap enough for CPU tests.
+CPU_NERFACTO = [
+    "--machine.device-type",
+    "cpu",
+    "--pipeline.model.implementation",
+    "torch",
+    "--vis",
+    "tensorboard",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_scene(tmp_path_factory) -> Path:
+    """A 12-view 48x48 red striped sphere, as `ns-distill-scene` writes it."""
+    from nerfstudio_distill.data.scene import CameraSpec, SceneSpec, generate_scene
+
+    folder = tmp_path_factory.mktemp("scene") / "ball"
+    generate_scene(
+        folder,
+        SceneSpec(colour="red", pattern="stripes", stripes=3),
+        CameraSpec(num_views=12, width=48, height=48),
+    )
+    return folder
