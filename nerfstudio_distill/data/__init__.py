@@ -1,0 +1,1 @@
+"""Datasets for nerfstudio-distill (see :mod:`nerfstudio_distill.data.scene`)."""
