@@ -1,0 +1,28 @@
+"""Diffusion priors behind one interface (:class:`Prior`).
+
+Importing this package never imports diffusers or transformers; :class:`StableDiffusionPrior` loads
+them when it is constructed.
+"""
+
+from .base import Prior, PriorInputError, classifier_free_guidance, scaled_linear_betas
+from .exact import ExactPrior
+from .stable_diffusion import (
+    PriorLoadError,
+    StableDiffusionPrior,
+    StableDiffusionPriorConfig,
+    import_diffusers,
+    v_to_eps,
+)
+
+__all__ = [
+    "ExactPrior",
+    "Prior",
+    "PriorInputError",
+    "PriorLoadError",
+    "StableDiffusionPrior",
+    "StableDiffusionPriorConfig",
+    "classifier_free_guidance",
+    "import_diffusers",
+    "scaled_linear_betas",
+    "v_to_eps",
+]

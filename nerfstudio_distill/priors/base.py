@@ -1,0 +1,185 @@
+"""The one interface every diffusion prior implements.
+
+A prior hides its network. Guidance code (``nerfstudio_distill.guidance``) only ever
+calls :meth:`Prior.encode`, :meth:`Prior.predict_noise`, :meth:`Prior.timestep_grid`
+and reads :attr:`Prior.alphas_cumprod`, so Stable Diffusion and the closed-form exact
+prior are interchangeable.
+
+Conventions
+- Images are ``B x 3 x H x W`` in [0, 1]. Latents are whatever ``encode`` returns.
+- ``t`` is an integer training timestep in ``[0, num_train_timesteps)``, one per batch
+  element.
+- The unconditional branch is the empty prompt ``""``.
+- The network never records autograd; the only differentiable path is ``encode``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+
+class PriorInputError(ValueError):
+    """Bad input to a prior. The message is one line that names the fix."""
+
+
+def classifier_free_guidance(
+    eps_uncond: Float[Tensor, "*bs"], eps_cond: Float[Tensor, "*bs"], scale: float
+) -> Float[Tensor, "*bs"]:
+    """ε̂ = ε̂(x_t, ∅) + s · (ε̂(x_t, y) − ε̂(x_t, ∅))  (Ho & Salimans 2022, Eq. 6)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def scaled_linear_betas(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Float[Tensor, " T"]:
+    """Stable Diffusion's "scaled_linear" β schedule (linear in √β), in float64."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
+class Prior(nn.Module, abc.ABC):
+    """Base class: subclasses implement ``encode``, ``_embed`` and ``_eps``.
+
+    The batching of branches and classifier-free guidance live here, once, so every
+    prior evaluates all branches of a step in exactly one network call.
+    """
+
+    betas: Float[Tensor, " T"]
+    """Per-step β_t of the training schedule (float32, on the prior's device)."""
+    alphas_cumprod: Float[Tensor, " T"]
+    """ᾱ_t = Π_{s≤t} (1 − β_s) (float32, on the prior's device)."""
+    guidance_scale: float
+    """Default classifier-free guidance scale when a call gives none."""
+    steps_offset: int
+    """Offset added to DDIM grids, as in the model's scheduler config (SD: 1)."""
+
+    def __init__(self, betas: Float[Tensor, " T"], guidance_scale: float, steps_offset: int = 1) -> None:
+        super().__init__()
+        betas = betas.to(torch.float64)
+        self.register_buffer("betas", betas.float(), persistent=False)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0).float(), persistent=False)
+        self.guidance_scale = float(guidance_scale)
+        self.steps_offset = int(steps_offset)
+        self._embedding_cache: dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------- schedule
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    def timestep_grid(self, num_steps: int) -> Int[Tensor, " N"]:
+        """Ascending DDIM grid of ``num_steps`` timesteps ("leading" spacing plus
+        ``steps_offset``, as diffusers' ``DDIMScheduler.set_timesteps``)."""
+        if not 1 <= num_steps <= self.num_train_timesteps:
+            raise PriorInputError(
+                f"num_steps={num_steps} is outside [1, {self.num_train_timesteps}]: "
+                "pick a grid size in that range"
+            )
+        ratio = self.num_train_timesteps // num_steps
+        grid = torch.arange(num_steps, dtype=torch.long) * ratio + self.steps_offset
+        return grid.clamp(max=self.num_train_timesteps - 1)
+
+    def check_timesteps(self, t: Tensor) -> Int[Tensor, " B"]:
+        t = torch.as_tensor(t, dtype=torch.long).reshape(-1)
+        if t.numel() == 0 or int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps:
+            raise PriorInputError(
+                f"timestep(s) {t.tolist()} outside the schedule: "
+                f"use integers in [0, {self.num_train_timesteps - 1}]"
+            )
+        return t
+
+    # ------------------------------------------------------------------- images
+    @abc.abstractmethod
+    def encode(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
+        """Images in [0, 1] to latents, differentiably."""
+
+    def decode(self, latents: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 H W"]:
+        """Latents back to images in [0, 1] (for previews; no gradient needed)."""
+        return latents.clamp(0, 1)
+
+    @staticmethod
+    def check_images(images: Tensor) -> None:
+        """One-line errors for the usual mistakes with rendered images."""
+        if images.ndim != 4:
+            raise PriorInputError(
+                f"images must be B x 3 x H x W, got shape {tuple(images.shape)}: "
+                "add a batch dim with images[None]"
+            )
+        if images.shape[1] != 3:
+            raise PriorInputError(
+                f"images must have 3 channels (RGB) in dim 1, got {images.shape[1]}: "
+                "drop alpha with images[:, :3] or permute B x H x W x 3 to B x 3 x H x W"
+            )
+        lo, hi = float(images.detach().min()), float(images.detach().max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise PriorInputError(
+                f"images must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]: "
+                "clamp them, or map [-1, 1] with (x + 1) / 2"
+            )
+
+    # ------------------------------------------------------------------ prompts
+    @abc.abstractmethod
+    def _embed(self, prompt: str) -> Tensor:
+        """Condition for one prompt (text embedding, or a label mask). ``""`` = unconditional."""
+
+    def embed(self, prompts: Sequence[str]) -> list[Tensor]:
+        """Cached conditions: each distinct prompt is encoded once per prior."""
+        out = []
+        for p in prompts:
+            if p not in self._embedding_cache:
+                self._embedding_cache[p] = self._embed(p)
+            out.append(self._embedding_cache[p])
+        return out
+
+    # ------------------------------------------------------------------ network
+    @abc.abstractmethod
+    def _eps(self, x_t: Float[Tensor, " N *latent"], t: Int[Tensor, " N"], conds: Sequence[Tensor]) -> Tensor:
+        """ONE network evaluation of ε̂ for a batch whose row i has condition ``conds[i]``.
+
+        Returns float32 on the prior's device. Called without autograd.
+        """
+
+    def predict_noise(
+        self,
+        x_t: Float[Tensor, "G B *latent"],
+        t: Int[Tensor, " B"],
+        prompts: Sequence[str],
+        guidance_scale: float | None = None,
+    ) -> Float[Tensor, "G B *latent"]:
+        """CFG noise prediction for G groups in one network call.
+
+        Group g is ``x_t[g]`` conditioned on ``prompts[g]``. With CFG each group also
+        runs unconditionally, so the call has batch 2·G·B (G·B when the scale is 1).
+        SDS uses G = 1 (2 branches); DDS and PDS use G = 2 (4 branches).
+        Returns float32 on ``x_t``'s device, detached.
+        """
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        groups = x_t.shape[0]
+        if len(prompts) != groups:
+            raise PriorInputError(
+                f"got {len(prompts)} prompts for {groups} groups: pass one prompt per group"
+            )
+        t = self.check_timesteps(t).to(self.device)
+        batch = x_t.shape[1]
+        if t.numel() == 1:
+            t = t.expand(batch)
+        out_device = x_t.device
+        x = x_t.detach().to(self.device)
+        with_uncond = scale != 1.0
+        names = list(prompts) + ([""] * groups if with_uncond else [])
+        conds = [c for c in self.embed(names) for _ in range(batch)]
+        x_in = torch.cat([x] * (2 if with_uncond else 1)).flatten(0, 1)
+        with torch.no_grad():
+            eps = self._eps(x_in, t.repeat(len(names)), conds).float()
+        eps = eps.unflatten(0, (len(names), batch))
+        if with_uncond:
+            eps = classifier_free_guidance(eps[groups:], eps[:groups], scale)
+        return eps.to(out_device)

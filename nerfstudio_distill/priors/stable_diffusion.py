@@ -1,0 +1,234 @@
+"""Stable Diffusion (1.x / 2.x, ε- or v-prediction) as a :class:`Prior`.
+
+diffusers and transformers are imported lazily, inside functions: importing this module (or the
+package) never imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .base import Prior, PriorInputError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class PriorLoadError(RuntimeError):
+    """A prior's weights or libraries could not be loaded. The message is one line that names the fix."""
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or "no message"
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def import_diffusers() -> tuple[Any, Any]:
+    """Import and return ``(diffusers, transformers)``, or raise a one-line :class:`PriorLoadError`."""
+    try:
+        import diffusers
+        import transformers
+    except Exception as e:  # ImportError, but also broken installs raising anything at import time
+        raise PriorLoadError(
+            f"the Stable Diffusion prior needs diffusers and transformers ({_one_line(e)}): "
+            "pip install 'diffusers>=0.30' transformers"
+        ) from e
+    return diffusers, transformers
+
+
+def v_to_eps(
+    v: Float[Tensor, " B *latent"], x_t: Float[Tensor, " B *latent"], alphas_cumprod_t: Float[Tensor, " B"]
+) -> Float[Tensor, " B *latent"]:
+    """ε from a v-prediction: with v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022, §4 / App. D) and
+    x_t = √ᾱ x_0 + √(1−ᾱ) ε, one gets ε = √ᾱ v + √(1−ᾱ) x_t."""
+    a = alphas_cumprod_t.reshape(-1, *([1] * (v.ndim - 1))).to(v)
+    return a.sqrt() * v + (1 - a).sqrt() * x_t.to(v)
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StableDiffusionPriorConfig:
+    """Options of :class:`StableDiffusionPrior`; ``setup()`` builds it."""
+
+    model: str = DEFAULT_MODEL
+    """Hugging Face hub id or local folder of a diffusers Stable Diffusion checkpoint (with unet/, vae/,
+    text_encoder/, tokenizer/ and scheduler/ subfolders). SD 1.x and 2.x work, including v-prediction
+    models such as "stabilityai/stable-diffusion-2-1-base". Point this at a local folder on machines
+    without internet access."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Precision of the three networks. "auto" is fp16 on CUDA and fp32 elsewhere. Use "fp32" if you see
+    NaNs or want bit-stable comparisons, "bf16" on GPUs where fp16 overflows. Noise predictions and
+    latents are always returned as float32."""
+    device: str | None = None
+    """Device of the networks, e.g. "cuda:1" to keep Stable Diffusion on a second GPU while the NeRF
+    trains on the first; inputs and outputs are moved across automatically. None: "cuda" when
+    available, else "cpu"."""
+    channels_last: bool = False
+    """Run the UNet and VAE in channels-last memory format. Often faster with fp16 on recent NVIDIA
+    GPUs; no effect on results."""
+    latent_mode: Literal["mean", "sample"] = "mean"
+    """Which latent the VAE encoder returns for an image: "mean" of its Gaussian posterior
+    (deterministic, the usual choice for distillation) or a random "sample" from it."""
+    guidance_scale: float = 7.5
+    """Default classifier-free guidance scale (unitless) used when a guidance method passes none. 1
+    disables CFG and halves the UNet batch; SDS-style distillation typically uses 7.5 to 100."""
+    local_files_only: bool = False
+    """Never contact the Hugging Face hub: load only from a local folder or the local cache. Also
+    switched on by the environment variable HF_HUB_OFFLINE=1."""
+    check_resolution: bool = True
+    """Reject images whose height or width is not a multiple of the VAE's downsampling factor (8 for
+    SD), with an error that says what size to resize to. Switch off only if you handle sizes yourself."""
+
+    def setup(self) -> StableDiffusionPrior:
+        """Load the networks and return the prior."""
+        return StableDiffusionPrior(self)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "on", "yes", "true"}
+
+
+def _looks_like_path(model: str) -> bool:
+    """Whether ``model`` is meant as a filesystem path rather than a hub id ("org/name")."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
+
+
+class StableDiffusionPrior(Prior):
+    """Frozen Stable Diffusion UNet + VAE + CLIP text encoder behind the :class:`Prior` interface.
+
+    ``StableDiffusionPrior(config)`` or ``StableDiffusionPrior(model="path", device="cpu", ...)`` (keyword
+    arguments override fields of the config). Latents are ``B x 4 x H/8 x W/8`` for SD.
+    """
+
+    def __init__(self, config: StableDiffusionPriorConfig | None = None, **overrides: Any) -> None:
+        config = dataclasses.replace(config or StableDiffusionPriorConfig(), **overrides)
+        if config.latent_mode not in ("mean", "sample"):
+            raise PriorInputError(f"latent_mode={config.latent_mode!r}: use 'mean' or 'sample'")
+        if config.dtype not in ("auto", *_DTYPES):
+            raise PriorInputError(
+                f"dtype={config.dtype!r}: use one of 'auto', {', '.join(map(repr, _DTYPES))}"
+            )
+        diffusers, transformers = import_diffusers()
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = (
+            _DTYPES[config.dtype]
+            if config.dtype != "auto"
+            else (torch.float16 if device.type == "cuda" else torch.float32)
+        )
+        model = os.path.expanduser(config.model)
+        local = os.path.isdir(model)
+        if not local and _looks_like_path(config.model):
+            raise PriorLoadError(
+                f"model folder {config.model!r} does not exist or is not a folder: set "
+                "StableDiffusionPriorConfig.model (--model) to a folder holding unet/ vae/ text_encoder/ "
+                "tokenizer/ scheduler/, or to a hub id"
+            )
+        offline = config.local_files_only or _hub_offline()
+
+        def load(cls: Any, subfolder: str, **kwargs: Any) -> Any:
+            try:
+                return cls.from_pretrained(model, subfolder=subfolder, local_files_only=offline, **kwargs)
+            # OSError, huggingface_hub errors, ValueError, ...: all mean "not loadable from there".
+            except Exception as e:
+                where = "the local folder" if local else "the local cache" if offline else "the hub or cache"
+                raise PriorLoadError(
+                    f"could not load {subfolder}/ of {config.model!r} from {where} ({_one_line(e, 120)}): "
+                    "set StableDiffusionPriorConfig.model (--model) to a local diffusers folder, or download "
+                    f"once online (e.g. hf download {config.model}) and then run with HF_HUB_OFFLINE=1"
+                ) from e
+
+        # The scheduler is tiny: a missing model fails here, before any large download.
+        scheduler = load(diffusers.DDIMScheduler, "scheduler")
+        tokenizer = load(transformers.CLIPTokenizer, "tokenizer")
+        # transformers renamed torch_dtype to dtype (4.56): load in fp32 and cast below, for any version.
+        text_encoder = load(transformers.CLIPTextModel, "text_encoder")
+        vae = load(diffusers.AutoencoderKL, "vae", torch_dtype=dtype)
+        unet = load(diffusers.UNet2DConditionModel, "unet", torch_dtype=dtype)
+
+        super().__init__(
+            torch.as_tensor(scheduler.betas),
+            config.guidance_scale,
+            getattr(scheduler.config, "steps_offset", 0),
+        )
+        self.config = config
+        self.dtype = dtype
+        self.prediction_type: str = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise PriorLoadError(
+                f"prediction_type {self.prediction_type!r} of {config.model!r} is not supported: "
+                "use an epsilon or v_prediction Stable Diffusion checkpoint"
+            )
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.to(dtype)
+        self.vae = vae
+        self.unet = unet
+        for net in (self.text_encoder, self.vae, self.unet):
+            net.requires_grad_(False).eval()
+        if config.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self.to(device)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        """Spatial downsampling of the VAE (8 for SD): image sizes must be multiples of it."""
+
+    # ------------------------------------------------------------------- images
+    def _memory_format(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def encode(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
+        """Images in [0, 1] to scaled VAE latents (float32, on the prior's device), differentiably."""
+        self.check_images(images)
+        f = self.vae_scale_factor
+        h, w = images.shape[-2:]
+        if self.config.check_resolution and (h % f or w % f):
+            nh, nw = max(f, round(h / f) * f), max(f, round(w / f) * f)
+            raise PriorInputError(
+                f"image size {h}x{w} is not a multiple of {f} (the VAE's downsampling factor): resize to "
+                f"{nh}x{nw}, e.g. F.interpolate(images, size=({nh}, {nw}), mode='bilinear', antialias=True)"
+            )
+        x = self._memory_format(images.to(self.device, self.dtype) * 2 - 1)  # VAE expects [-1, 1]
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean if self.config.latent_mode == "mean" else posterior.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        # LDM trains on z · scaling_factor, rescaled to ~unit variance (Rombach et al. 2022, §4.3.2)
+        return ((z - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Float[Tensor, "B C h w"]) -> Float[Tensor, "B 3 H W"]:
+        """Latents back to images in [0, 1] (float32, on the prior's device); for previews."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor + shift
+        images = self.vae.decode(self._memory_format(z)).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def _embed(self, prompt: str) -> Float[Tensor, "1 L D"]:
+        """CLIP last hidden state of the padded prompt, in the prior's dtype."""
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        tokens = self.tokenizer(
+            [prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    # ------------------------------------------------------------------ network
+    def _eps(
+        self, x_t: Float[Tensor, "N C h w"], t: Int[Tensor, " N"], conds: Sequence[Tensor]
+    ) -> Float[Tensor, "N C h w"]:
+        cond = torch.cat([c.to(self.device, self.dtype) for c in conds])
+        t = t.to(self.device)
+        x = self._memory_format(x_t.to(self.device, self.dtype))
+        out = self.unet(x, t, encoder_hidden_states=cond).sample.float()
+        if self.prediction_type == "v_prediction":
+            out = v_to_eps(out, x_t.to(self.device, torch.float32), self.alphas_cumprod[t])
+        return out

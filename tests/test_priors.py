@@ -1,0 +1,345 @@
+"""Tests of nerfstudio_distill.priors: the exact Gaussian-mixture prior and a tiny offline Stable Diffusion"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerfstudio_distill.priors import (
+    ExactPrior,
+    PriorInputError,
+    PriorLoadError,
+    StableDiffusionPrior,
+    StableDiffusionPriorConfig,
+    import_diffusers,
+    v_to_eps,
+)
+from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
+
+
+def assert_one_line(error: pytest.ExceptionInfo, *fix: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message, message
+    for part in fix:
+        assert part in message, message
+
+
+# ---------------------------------------------------------------------------------------------- exact prior
+def brute_force(points, labels, sigma, acp, x, t, prompt):
+    """ε̂ and E[x0|x_t] for ONE x_t by a plain loop over the components (float64, plain exp)."""
+    a = float(acp[t])
+    v = a * sigma**2 + 1 - a
+    comps = [p.double() for p, label in zip(points, labels, strict=True) if prompt in ("", label)]
+    dens = [math.exp(-float(((x.double() - math.sqrt(a) * mu) ** 2).sum()) / (2 * v)) for mu in comps]
+    m = sum(d * mu for d, mu in zip(dens, comps, strict=True)) / sum(dens)
+    eps = math.sqrt(1 - a) * (x.double() - math.sqrt(a) * m) / v
+    x0 = m + sigma**2 * math.sqrt(a) / v * (x.double() - math.sqrt(a) * m)
+    return eps, x0
+
+
+def toy_2d():
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(7, 2, generator=g)
+    labels = ["left", "right", "left", "up", "right", "left", "up"]
+    return points, labels
+
+
+def toy_images():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(5, 3, 4, 4, generator=g), ["red", "blue", "red", "red", "blue"]
+
+
+@pytest.mark.parametrize("data", [toy_2d, toy_images])
+@pytest.mark.parametrize("sigma", [0.0, 0.3])
+@pytest.mark.parametrize("prompt", ["", "red_or_left"])
+def test_exact_matches_brute_force(data, sigma, prompt):
+    points, labels = data()
+    prompt = labels[0] if prompt else ""
+    prior = ExactPrior(points, labels, sigma=sigma)
+    g = torch.Generator().manual_seed(2)
+    t = torch.tensor([100, 400, 700, 999])
+    x = torch.randn(len(t), *points.shape[1:], generator=g)
+    eps = prior._eps(x, t, prior.embed([prompt] * len(t)))
+    x0 = prior.posterior_mean(x, t, prompt)
+    for i in range(len(t)):
+        ref_eps, ref_x0 = brute_force(
+            points, labels, sigma, prior.alphas_cumprod.double(), x[i], int(t[i]), prompt
+        )
+        torch.testing.assert_close(eps[i].double(), ref_eps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x0[i].double(), ref_x0, rtol=1e-5, atol=1e-5)
+    # Tweedie consistency of the two read-outs: x_t = √ᾱ x̂0 + √(1−ᾱ) ε̂.
+    a = prior.alphas_cumprod[t].reshape(-1, *[1] * (x.ndim - 1))
+    torch.testing.assert_close(a.sqrt() * x0 + (1 - a).sqrt() * eps, x, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_float32_agrees():
+    points, labels = toy_2d()
+    x, t = torch.randn(3, 2), torch.tensor([50, 300, 900])
+    p64, p32 = ExactPrior(points, labels, 0.1), ExactPrior(points, labels, 0.1, dtype=torch.float32)
+    torch.testing.assert_close(p32._eps(x, t, p32.embed([""] * 3)), p64._eps(x, t, p64.embed([""] * 3)))
+
+
+def test_exact_extreme_is_finite():
+    """1 − ᾱ ≈ 1e-3 and points 200 apart: every density underflows to 0 without log-sum-exp."""
+    points = torch.tensor([[-100.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    prior = ExactPrior(points, ["a", "b", "a"])
+    x = torch.tensor([[-99.0, 1.0], [1000.0, -1000.0], [60.0, 0.0]])
+    t = torch.zeros(3, dtype=torch.long)
+    eps = prior._eps(x, t, prior.embed([""] * 3))
+    x0 = prior.posterior_mean(x, t)
+    assert torch.isfinite(eps).all() and torch.isfinite(x0).all()
+    torch.testing.assert_close(x0, points[[0, 1, 1]])  # the nearest point wins outright
+    x0_a = prior.posterior_mean(x[2:], t[:1], "a")  # nearest among the "a" components
+    torch.testing.assert_close(x0_a, points[[2]])
+
+
+def test_exact_cfg_one_call(monkeypatch):
+    points, labels = toy_2d()
+    prior = ExactPrior(points, labels, sigma=0.2)
+    calls = []
+    inner = prior._eps
+    monkeypatch.setattr(prior, "_eps", lambda x, t, conds: (calls.append(x.shape[0]), inner(x, t, conds))[1])
+    x = torch.randn(2, 3, 2)  # G=2 groups, B=3
+    t = torch.tensor([20, 500, 980])
+    scale = 4.0
+    out = prior.predict_noise(x, t, ["left", "up"], guidance_scale=scale)
+    assert calls == [2 * 2 * 3]
+    acp = prior.alphas_cumprod.double()
+    for g, prompt in enumerate(["left", "up"]):
+        for b in range(3):
+            cond, _ = brute_force(points, labels, 0.2, acp, x[g, b], int(t[b]), prompt)
+            uncond, _ = brute_force(points, labels, 0.2, acp, x[g, b], int(t[b]), "")
+            torch.testing.assert_close(
+                out[g, b].double(), uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-5
+            )
+    calls.clear()
+    prior.predict_noise(x, t[:1], ["left", "up"], guidance_scale=1.0)  # no CFG: G·B rows, one call
+    assert calls == [2 * 3]
+
+
+def test_exact_errors():
+    points, labels = toy_images()
+    prior = ExactPrior(points, labels)
+    with pytest.raises(PriorInputError) as e:
+        prior.embed(["green"])
+    assert_one_line(e, "'red'", "'blue'")
+    with pytest.raises(PriorInputError) as e:
+        prior.encode(torch.rand(1, 3, 8, 8))
+    assert_one_line(e, "size=(4, 4)")
+    with pytest.raises(PriorInputError) as e:
+        prior.encode(torch.rand(1, 3, 4, 4) + 1)
+    assert_one_line(e, "clamp")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(torch.randn(3, 2), ["a"] * 3).encode(torch.rand(4, 3))
+    assert_one_line(e, "B x 2")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(torch.randn(3, 2), ["a", "b"])
+    assert_one_line(e, "one label per point")
+
+
+def test_exact_encode_identity():
+    prior = ExactPrior(*toy_images())
+    images = torch.rand(2, 3, 4, 4, requires_grad=True)
+    out = prior.encode(images)
+    assert torch.equal(out, images)
+    out.sum().backward()
+    assert images.grad is not None
+    points = torch.randn(5, 2)  # non-image data (even with values outside [0, 1]) passes through
+    assert torch.equal(ExactPrior(torch.randn(3, 2), ["a"] * 3).encode(points), points)
+
+
+def test_exact_from_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for folder, n in [("red", 2), ("blue", 1)]:
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            rgba = rng.integers(0, 256, size=(6, 5, 4), dtype=np.uint8)
+            Image.fromarray(rgba, "RGBA").save(tmp_path / folder / f"{i}.png")
+            arrays[(folder, i)] = rgba[..., :3]
+    prior = ExactPrior.from_folders(
+        {"a red ball": tmp_path / "red", "a blue ball": tmp_path / "blue"}, sigma=0.1
+    )
+    assert prior.points.shape == (3, 3, 6, 5) and prior.labels == ["a red ball", "a red ball", "a blue ball"]
+    expected = torch.from_numpy(arrays[("red", 1)]).permute(2, 0, 1).double() / 255
+    torch.testing.assert_close(prior.points[1], expected)
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior.from_folders({"x": tmp_path / "missing"})
+    assert_one_line(e, "no *.png")
+
+
+# ----------------------------------------------------------------------------------------- stable diffusion
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_v(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")
+
+
+@pytest.fixture
+def sd(tiny_sd):
+    return StableDiffusionPriorConfig(model=str(tiny_sd), device="cpu", dtype="auto").setup()
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(args[0].shape[0]), with_kwargs=True
+    )
+    return calls
+
+
+def test_sd_loads_frozen(sd):
+    assert sd.dtype == torch.float32 and sd.prediction_type == "epsilon" and sd.steps_offset == 1
+    assert sd.vae_scale_factor == 2 and sd.num_train_timesteps == 1000
+    for net in (sd.unet, sd.vae, sd.text_encoder):
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+
+def test_sd_encode_decode(sd):
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, requires_grad=True)
+    latents = sd.encode(images)
+    assert latents.shape == (2, 4, LATENT_SIZE, LATENT_SIZE) and latents.dtype == torch.float32
+    latents.square().sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert sd.decode(latents).shape == images.shape
+
+
+def test_sd_one_unet_call_and_no_weight_grads(sd):
+    unet_calls = count_calls(sd.unet)
+    images = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE, requires_grad=True)
+    latents = sd.encode(images)
+    t = torch.tensor([10, 500, 990])
+    a = sd.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    noise = torch.randn(2, *latents.shape)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # G=2 groups, B=3
+    eps = sd.predict_noise(x_t, t, ["a red ball", "a blue cube"], guidance_scale=7.5)
+    assert unet_calls == [2 * 2 * 3]
+    assert eps.shape == x_t.shape and not eps.requires_grad
+    loss = ((eps - noise).detach() * x_t).sum()  # SDS-style surrogate
+    loss.backward()
+    assert images.grad is not None
+    for net in (sd.unet, sd.vae, sd.text_encoder):
+        assert all(p.grad is None for p in net.parameters())
+
+
+def test_sd_embedding_cache(sd):
+    text_calls = count_calls(sd.text_encoder)
+    x_t, t = torch.randn(1, 2, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([300])
+    first = sd.predict_noise(x_t, t, ["a photo of a dog"], guidance_scale=5.0)
+    assert text_calls == [1, 1]  # the prompt and "" once each
+    second = sd.predict_noise(x_t, t, ["a photo of a dog"], guidance_scale=5.0)
+    assert text_calls == [1, 1]
+    torch.testing.assert_close(first, second)
+    assert sd.embed(["a photo of a dog"])[0].shape == (1, 77, 32)
+
+
+def test_v_to_eps_formula():
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(4, 4, 2, 2, generator=g), torch.randn(4, 4, 2, 2, generator=g)
+    acp = torch.tensor([0.999, 0.7, 0.2, 0.005])
+    a = acp.reshape(-1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # Salimans & Ho 2022
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    torch.testing.assert_close(v_to_eps(v, x_t, acp), eps)
+
+
+def test_sd_v_prediction(tiny_sd_v):
+    sd = StableDiffusionPrior(model=str(tiny_sd_v), device="cpu")
+    assert sd.prediction_type == "v_prediction"
+    x_t, t = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([5, 800])
+    conds = sd.embed(["a cat", "a dog"])
+    with torch.no_grad():
+        raw = sd.unet(x_t, t, encoder_hidden_states=torch.cat(conds)).sample
+        eps = sd._eps(x_t, t, conds)
+    a = sd.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(eps, a.sqrt() * raw + (1 - a).sqrt() * x_t)
+
+
+@pytest.mark.parametrize(
+    "shape, scale, fix",
+    [
+        ((1, 3, IMAGE_SIZE, IMAGE_SIZE), 2.0, "clamp"),
+        ((3, IMAGE_SIZE, IMAGE_SIZE), 1.0, "images[None]"),
+        ((1, 4, IMAGE_SIZE, IMAGE_SIZE), 1.0, "images[:, :3]"),
+        ((1, 3, 15, 17), 1.0, "resize to 16x16"),
+    ],
+)
+def test_sd_bad_images(sd, shape, scale, fix):
+    with pytest.raises(PriorInputError) as e:
+        sd.encode(torch.rand(shape) * scale)
+    assert_one_line(e, fix)
+
+
+@pytest.mark.parametrize("t", [-1, 1000])
+def test_sd_bad_timestep(sd, t):
+    with pytest.raises(PriorInputError) as e:
+        sd.predict_noise(torch.randn(1, 1, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([t]), ["a"])
+    assert_one_line(e, "[0, 999]")
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`")
+def test_sd_unknown_model_offline(monkeypatch, tiny_sd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PriorLoadError) as e:
+        StableDiffusionPrior(model="nobody/no-such-sd-model-for-tests", device="cpu")
+    assert_one_line(e, "--model", "HF_HUB_OFFLINE=1")
+
+
+def test_sd_missing_local_folder(tmp_path):
+    with pytest.raises(PriorLoadError) as e:
+        StableDiffusionPrior(model=str(tmp_path / "no_such_folder"), device="cpu")
+    assert_one_line(e, "does not exist", "--model")
+
+
+def test_import_diffusers_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
+    with pytest.raises(PriorLoadError) as e:
+        import_diffusers()
+    assert_one_line(e, "pip install 'diffusers>=0.30' transformers")
+
+
+def test_package_import_is_lazy():
+    code = "import sys, nerfstudio_distill.priors; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "diffusers" not in out and "transformers" not in out
+
+
+def test_sd_options(tiny_sd, sd):
+    other = StableDiffusionPrior(model=str(tiny_sd), device="cpu", channels_last=True, latent_mode="sample")
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    z_mean, z_a, z_b = sd.encode(images), other.encode(images), other.encode(images)
+    assert z_a.shape == z_mean.shape and not torch.equal(z_a, z_b)  # sampled latents differ per call
+    x_t, t = torch.randn(1, 2, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([100, 600])
+    torch.testing.assert_close(
+        other.predict_noise(x_t, t, ["a cat"]), sd.predict_noise(x_t, t, ["a cat"]), rtol=1e-4, atol=1e-4
+    )
+    with pytest.raises(PriorInputError) as e:
+        StableDiffusionPrior(model=str(tiny_sd), dtype="fp64")
+    assert_one_line(e, "'fp32'")
+
+
+def test_config_fields_documented():
+    import ast
+    import inspect
+
+    from nerfstudio_distill.priors import stable_diffusion
+
+    tree = ast.parse(inspect.getsource(stable_diffusion))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "StableDiffusionPriorConfig"]
+    body = cls.body
+    fields = [i for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
+    assert len(fields) == len(dataclasses.fields(StableDiffusionPriorConfig))
+    for i in fields:
+        doc = body[i + 1] if i + 1 < len(body) else None
+        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), ast.unparse(body[i])
