@@ -1,0 +1,41 @@
+"""Score-distillation guidance on latents: SDS, SDI, DDS, PDS.
+
+Every method takes latents x0 from ``prior.encode``, talks to the network only through
+:meth:`~nerfstudio_distill.priors.base.Prior.predict_noise`, and returns a :class:`GuidanceOutput`
+whose ``loss`` backpropagates exactly ``grad`` into x0. Pure torch: no nerfstudio import.
+"""
+
+from nerfstudio_distill.guidance.common import (
+    ANNEALS,
+    WEIGHTINGS,
+    GuidanceOutput,
+    TimestepSchedule,
+    add_noise,
+    clip_grad,
+    predict_x0,
+    surrogate_loss,
+    weight,
+)
+from nerfstudio_distill.guidance.dds import dds
+from nerfstudio_distill.guidance.pds import PDS_SCHEDULES, pds, pds_coefficients
+from nerfstudio_distill.guidance.sdi import ddim_invert, sdi
+from nerfstudio_distill.guidance.sds import sds
+
+__all__ = [
+    "ANNEALS",
+    "PDS_SCHEDULES",
+    "WEIGHTINGS",
+    "GuidanceOutput",
+    "TimestepSchedule",
+    "add_noise",
+    "clip_grad",
+    "dds",
+    "ddim_invert",
+    "pds",
+    "pds_coefficients",
+    "predict_x0",
+    "sdi",
+    "sds",
+    "surrogate_loss",
+    "weight",
+]

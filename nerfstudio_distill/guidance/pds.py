@@ -1,0 +1,160 @@
+"""Posterior Distillation Sampling (Koo, Park & Sung, CVPR 2024, "Posterior Distillation Sampling").
+
+PDS matches the stochastic latents z_t of the target and the source. With DDPM posterior
+q(x_{t'} | x_t, x0) = N(μ, σ_t² I) (DDPM Eq. 6–7), t' the previous timestep:
+
+    x_t   = √ᾱ_t x0 + √(1−ᾱ_t) ε                        (DDPM Eq. 4; ε shared by target and source)
+    x_t'  = √ᾱ_t' x0 + √(1−ᾱ_t') ε'                      (ε' shared too)
+    x̂0    = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t                    (DDIM Eq. 9)
+    μ     = c0 x̂0 + c1 x_t,  c0 = √ᾱ_t' β_t / (1−ᾱ_t),  c1 = √α_t (1−ᾱ_t') / (1−ᾱ_t)   (DDPM Eq. 7)
+    σ_t   = √((1−ᾱ_t') / (1−ᾱ_t) · β_t)                 (DDPM Eq. 7, β̃_t)
+    z     = (x_t' − μ) / σ_t,     ∇_x0 L_PDS = z_tgt − z_src
+
+with the one-step β_t = ``prior.betas[t]``, α_t = 1 − β_t even when t' is the previous point of an
+N-step DDIM grid (as the reference code does). Taking the difference, ε and ε' cancel
+(Δx_t = √ᾱ_t Δx0, Δx_t' = √ᾱ_t' Δx0, Δx̂0 = Δx0 − √(1−ᾱ_t)/√ᾱ_t Δε̂):
+
+    z_tgt − z_src = ψ(t) (x0_tgt − x0_src) + χ(t) (ε̂_tgt − ε̂_src)
+    ψ(t) = (√ᾱ_t' − c0 − c1 √ᾱ_t) / σ_t
+    χ(t) = c0 √(1−ᾱ_t) / (√ᾱ_t σ_t)
+
+so this module computes the explicit form and never draws ε'. PDS stresses that "the ratio of the
+time-varying weights of the two terms matters for the quality"; ``psi_scale`` / ``chi_scale``
+expose that ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from nerfstudio_distill.guidance.common import (
+    GuidanceOutput,
+    add_noise,
+    batchwise,
+    check_prompt,
+    check_source,
+    finish,
+    resolve_noise,
+)
+from nerfstudio_distill.priors.base import Prior, PriorInputError
+
+PDS_SCHEDULES = ("reference", "consecutive")
+"""Valid values of ``schedule`` in :func:`pds`."""
+
+
+def pds_timesteps(
+    prior: Prior,
+    t: Int[Tensor, " B"] | int | None,
+    batch: int,
+    schedule: str,
+    num_grid_steps: int,
+    generator: torch.Generator | None,
+) -> tuple[Int[Tensor, " B"], Int[Tensor, " B"]]:
+    """(t, t') per element. t is drawn as grid[i], i ~ U[max(1, ⌊0.02 N⌋), ⌊0.98 N⌋) on the N-step grid
+    (``prior.timestep_grid(N)``); t' = grid[i − 1] (``"reference"``) or t − 1 (``"consecutive"``)."""
+    if schedule not in PDS_SCHEDULES:
+        raise ValueError(
+            f"unknown PDS schedule {schedule!r}: use one of {', '.join(map(repr, PDS_SCHEDULES))}"
+        )
+    grid = prior.timestep_grid(num_grid_steps)
+    if t is None:
+        lo, hi = max(1, int(0.02 * num_grid_steps)), max(2, int(0.98 * num_grid_steps))
+        device = generator.device if generator is not None else None
+        idx = torch.randint(lo, hi, (batch,), generator=generator, device=device).cpu()
+        t = grid[idx]
+    else:
+        t = prior.check_timesteps(torch.as_tensor(t).cpu())
+        t = t.expand(batch).clone() if t.numel() == 1 else t
+        if t.numel() != batch:
+            raise PriorInputError(
+                f"got {t.numel()} timesteps for batch {batch}: pass one t, or one per element"
+            )
+    if schedule == "consecutive":
+        if int(t.min()) < 1:
+            raise PriorInputError(f"PDS consecutive needs t >= 1, got {t.tolist()}: pass t from 1 upwards")
+        return t, t - 1
+    on_grid = t[:, None] == grid[None, 1:]
+    if not bool(on_grid.any(1).all()):
+        raise PriorInputError(
+            f"t={t.tolist()} is not on the {num_grid_steps}-step DDIM grid (past its first point): "
+            f"use t from prior.timestep_grid({num_grid_steps})[1:], or pass t=None"
+        )
+    return t, grid[on_grid.int().argmax(1)]  # grid[i] for t = grid[i + 1]
+
+
+def pds_coefficients(
+    prior: Prior, t: Int[Tensor, " B"], t_prev: Int[Tensor, " B"], schedule: str = "reference"
+) -> tuple[Float[Tensor, " B"], Float[Tensor, " B"]]:
+    """ψ(t), χ(t) in float64 (module docstring). ``"consecutive"`` (t' = t − 1) gives ψ = 0 exactly:
+    ᾱ_t = α_t ᾱ_t' so c0 + c1 √ᾱ_t = √ᾱ_t' (β_t + α_t (1 − ᾱ_t')) / (1−ᾱ_t)
+    = √ᾱ_t' (1 − α_t ᾱ_t') / (1−ᾱ_t) = √ᾱ_t', hence the numerator of ψ vanishes; it is set to 0
+    rather than left to float32 rounding of the schedule."""
+    a, b = prior.alphas_cumprod.double(), prior.betas.double()
+    dev = a.device
+    a_t, a_p, beta = a[t.to(dev)], a[t_prev.to(dev)], b[t.to(dev)]
+    c0 = a_p.sqrt() * beta / (1 - a_t)  # DDPM Eq. 7, coefficient of x̂0
+    c1 = (1 - beta).sqrt() * (1 - a_p) / (1 - a_t)  # DDPM Eq. 7, coefficient of x_t
+    sigma = ((1 - a_p) / (1 - a_t) * beta).sqrt()  # DDPM Eq. 7, √β̃_t
+    psi = (a_p.sqrt() - c0 - c1 * a_t.sqrt()) / sigma  # PDS ψ(t): weight of x0_tgt − x0_src
+    if schedule == "consecutive":
+        psi = torch.zeros_like(psi)
+    chi = c0 * (1 - a_t).sqrt() / (a_t.sqrt() * sigma)  # PDS χ(t): weight of ε̂_tgt − ε̂_src
+    return psi, chi
+
+
+def pds(
+    prior: Prior,
+    x0: Float[Tensor, " B *latent"],
+    x0_src: Float[Tensor, " B *latent"],
+    prompt: str,
+    prompt_src: str,
+    *,
+    t: Int[Tensor, " B"] | int | None = None,
+    noise: Float[Tensor, " B *latent"] | None = None,
+    guidance_scale: float | None = None,
+    schedule: Literal["reference", "consecutive"] = "reference",
+    num_grid_steps: int = 500,
+    psi_scale: float = 1.0,
+    chi_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> GuidanceOutput:
+    """∇_x0 L_PDS = psi_scale · ψ(t) (x0 − x0_src) + chi_scale · χ(t) (ε̂_tgt − ε̂_src) (module docstring).
+
+    One ``predict_noise`` call (G = 2). ``"reference"`` equals the published z_tgt − z_src;
+    ``"consecutive"`` uses t' = t − 1, where ψ ≡ 0 and only the ε̂ term remains.
+
+    Args:
+        prior: the diffusion prior.
+        x0: latents being edited, from ``prior.encode`` (differentiable).
+        x0_src: latents of the source images, same shape; no gradient.
+        prompt: target text; must be non-empty.
+        prompt_src: text describing the source images.
+        t: timestep(s); for ``"reference"`` on ``prior.timestep_grid(num_grid_steps)`` past its first
+            point, for ``"consecutive"`` any t ≥ 1; None draws from the grid.
+        noise: ε for both x_t (ε' of x_t' cancels and is never drawn); None draws N(0, I).
+        guidance_scale: CFG scale of both branches; None uses the prior's default.
+        schedule: ``"reference"`` (t' = previous grid point) or ``"consecutive"`` (t' = t − 1).
+        num_grid_steps: N of the DDIM grid (PDS reference: 500).
+        psi_scale: factor on ψ (identity-preservation term).
+        chi_scale: factor on χ (editing term).
+        generator: RNG for t and ε when they are drawn.
+    """
+    check_prompt(prompt)
+    x0_src = check_source(x0, x0_src)
+    t, t_prev = pds_timesteps(prior, t, x0.shape[0], schedule, num_grid_steps, generator)
+    noise = resolve_noise(x0, noise, generator)
+    # x_t of target and source with the same ε (DDPM Eq. 4)
+    x_t = torch.stack([add_noise(prior.alphas_cumprod, x, noise, t) for x in (x0.detach(), x0_src)])
+    # CFG ε̂ (Ho & Salimans Eq. 6): one network call
+    eps = prior.predict_noise(x_t, t, [prompt, prompt_src], guidance_scale).to(x0.dtype)
+    psi, chi = pds_coefficients(prior, t, t_prev, schedule)
+    psi, chi = psi_scale * psi, chi_scale * chi
+    # z_tgt − z_src = ψ(t) (x0_tgt − x0_src) + χ(t) (ε̂_tgt − ε̂_src)  (module docstring)
+    grad = batchwise(psi, x0) * (x0.detach() - x0_src) + batchwise(chi, x0) * (eps[0] - eps[1])
+    return finish(
+        x0, grad, t, noise=noise, x_t=x_t[0], eps=eps[0], eps_src=eps[1], psi=psi, chi=chi, t_prev=t_prev
+    )
