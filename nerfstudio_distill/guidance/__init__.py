@@ -12,12 +12,15 @@ from nerfstudio_distill.guidance.common import (
     TimestepSchedule,
     add_noise,
     clip_grad,
+    ddim_step,
     predict_x0,
     surrogate_loss,
     weight,
 )
+from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.guidance.dds import dds
 from nerfstudio_distill.guidance.pds import PDS_SCHEDULES, pds, pds_coefficients
+from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.guidance.sdi import ddim_invert, sdi
 from nerfstudio_distill.guidance.sds import sds
 
@@ -25,15 +28,18 @@ __all__ = [
     "ANNEALS",
     "PDS_SCHEDULES",
     "WEIGHTINGS",
+    "GuidanceConfig",
     "GuidanceOutput",
     "TimestepSchedule",
     "add_noise",
     "clip_grad",
     "dds",
     "ddim_invert",
+    "ddim_step",
     "pds",
     "pds_coefficients",
     "predict_x0",
+    "sdedit",
     "sdi",
     "sds",
     "surrogate_loss",

@@ -93,6 +93,19 @@ def predict_x0(
     return (x_t - per_sample((1 - a).sqrt(), t, x_t) * eps) / per_sample(a.sqrt(), t, x_t)
 
 
+def ddim_step(
+    x: Float[Tensor, " B *latent"],
+    eps: Float[Tensor, " B *latent"],
+    a_from: Float[Tensor, " B"],
+    a_to: Float[Tensor, " B"],
+) -> Float[Tensor, " B *latent"]:
+    """Deterministic DDIM move of x from ᾱ = ``a_from`` to ᾱ = ``a_to`` with noise estimate ε̂:
+    x̂0 = (x − √(1−ᾱ_from) ε̂)/√ᾱ_from (DDIM Eq. 9), x' = √ᾱ_to x̂0 + √(1−ᾱ_to) ε̂ (DDIM Eq. 12, η = 0).
+    Towards more noise it is DDIM inversion, towards less it is DDIM sampling; ᾱ = 1 means clean."""
+    x0_hat = (x - batchwise((1 - a_from).sqrt(), x) * eps) / batchwise(a_from.sqrt(), x)
+    return batchwise(a_to.sqrt(), x) * x0_hat + batchwise((1 - a_to).sqrt(), x) * eps
+
+
 def weight(name: str, alphas_cumprod: Float[Tensor, " T"], t: Int[Tensor, " B"]) -> Float[Tensor, " B"]:
     """Timestep weighting w(t) (float64, on ``alphas_cumprod``'s device).
 

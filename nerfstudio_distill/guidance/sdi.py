@@ -12,6 +12,7 @@ from nerfstudio_distill.guidance.common import (
     GuidanceOutput,
     batchwise,
     check_prompt,
+    ddim_step,
     finish,
     resolve_timesteps,
     weight,
@@ -77,8 +78,7 @@ def ddim_invert(
     for k in range(num_steps):
         eps = prior.predict_noise(x[None], steps[k], [prompt], guidance_scale)[0]  # CFG ε̂
         a_next = a[steps[k + 1].to(a.device)]
-        x0_hat = (x - batchwise((1 - a_cur).sqrt(), x) * eps) / batchwise(a_cur.sqrt(), x)  # DDIM Eq. 9
-        x = batchwise(a_next.sqrt(), x) * x0_hat + batchwise((1 - a_next).sqrt(), x) * eps  # DDIM Eq. 12, η=0
+        x = ddim_step(x, eps, a_cur, a_next)  # DDIM Eq. 9 + 12, η = 0, towards more noise
         if eta > 0:
             var = (1 - a_cur) / (1 - a_next) * (1 - a_next / a_cur)  # DDIM Eq. 16, η = 1
             if noises is None:

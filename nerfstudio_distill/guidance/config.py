@@ -1,0 +1,119 @@
+"""User-facing guidance options (one dataclass, shown by tyro as ``--pipeline.guidance.*``).
+
+:class:`GuidanceConfig` turns the options into a call of :func:`~.sds.sds`, :func:`~.sdi.sdi`,
+:func:`~.dds.dds` or :func:`~.pds.pds`, so pipelines never branch on the method themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from nerfstudio_distill.guidance.common import GuidanceOutput, TimestepSchedule
+from nerfstudio_distill.guidance.dds import dds
+from nerfstudio_distill.guidance.pds import pds
+from nerfstudio_distill.guidance.sdi import sdi
+from nerfstudio_distill.guidance.sds import sds
+from nerfstudio_distill.priors.base import Prior
+
+METHODS = ("sds", "sdi", "dds", "pds")
+EDIT_METHODS = ("sds", "dds", "pds")
+"""Methods that need a source image (dds, pds) or can use one (sds ignores it)."""
+
+
+@dataclass
+class GuidanceConfig:
+    """Which score-distillation gradient drives the scene, and its knobs."""
+
+    method: Literal["sds", "sdi", "dds", "pds"] = "pds"
+    """sds: w(t)(ε̂ − ε) (DreamFusion). sdi: SDS with the noise found by DDIM inversion. dds: ε̂_tgt − ε̂_src
+    (Delta Denoising Score). pds: ψ(t)(x0 − x0_src) + χ(t)(ε̂_tgt − ε̂_src) (Posterior Distillation Sampling)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale of every branch. Raise it (SDS text-to-3D: 50-100) for stronger,
+    less diverse edits; 1 disables CFG and halves the network batch."""
+    timesteps: TimestepSchedule = field(default_factory=TimestepSchedule)
+    """Range of diffusion timesteps t (fractions of T) and its annealing over training. Lower max_fraction
+    for finer, more local edits; PDS snaps t to its DDIM grid."""
+    weighting: Literal["sds", "uniform", "fantasia", "sqrt"] = "sds"
+    """w(t) of sds/sdi: 1−ᾱ_t ("sds"), 1 ("uniform") or √ᾱ_t(1−ᾱ_t) ("fantasia"/"sqrt"). dds and pds use
+    none."""
+    grad_clip: float | None = None
+    """Clip the sds/sdi gradient on the latents to [−c, c]; None: no clipping."""
+    psi_scale: float = 1.0
+    """PDS: factor on ψ(t), the identity-preservation term. Below 1 lets the edit move further from the
+    source; 0 reduces PDS to DDS with PDS's χ(t) weighting."""
+    chi_scale: float = 1.0
+    """PDS: factor on χ(t), the editing term ε̂_tgt − ε̂_src."""
+    pds_schedule: Literal["reference", "consecutive"] = "reference"
+    """PDS: "reference" uses t_prev = previous point of the DDIM grid, as the published code (ψ > 0);
+    "consecutive" uses t_prev = t − 1, where ψ vanishes exactly."""
+    num_grid_steps: int = 500
+    """PDS: size N of the DDIM timestep grid (published: 500)."""
+    num_inversion_steps: int = 10
+    """SDI: DDIM inversion steps from x0 to x_t; each costs one network call."""
+    inversion_guidance_scale: float = -7.5
+    """SDI: CFG scale during inversion (SDI paper: −7.5)."""
+    inversion_eta: float = 0.0
+    """SDI: stochasticity added to each inversion step (0: deterministic DDIM)."""
+
+    def sample_t(self, prior: Prior, batch: int, progress: float, generator=None) -> Int[Tensor, " B"]:
+        """t for this step: uniform in the (annealed) range; for PDS snapped to its grid past point 0."""
+        t = self.timesteps.sample(batch, progress, generator, prior.num_train_timesteps)
+        if self.method != "pds" or self.pds_schedule == "consecutive":
+            return t.clamp(min=1)
+        grid = prior.timestep_grid(self.num_grid_steps)
+        index = (t[:, None] - grid[None, :]).abs().argmin(1).clamp(min=1)
+        return grid[index]
+
+    def __call__(
+        self,
+        prior: Prior,
+        x0: Float[Tensor, " B *latent"],
+        prompt: str,
+        *,
+        x0_src: Float[Tensor, " B *latent"] | None = None,
+        prompt_src: str = "",
+        progress: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> GuidanceOutput:
+        """One guidance evaluation at a t drawn for ``progress`` (step / max steps, in [0, 1])."""
+        t = self.sample_t(prior, x0.shape[0], progress, generator)
+        cfg = self.guidance_scale
+        if self.method in ("dds", "pds"):
+            if x0_src is None:
+                raise ValueError(f"{self.method} needs source latents: pass x0_src (the unedited images)")
+            if self.method == "dds":
+                return dds(
+                    prior, x0, x0_src, prompt, prompt_src, t=t, guidance_scale=cfg, generator=generator
+                )
+            return pds(
+                prior,
+                x0,
+                x0_src,
+                prompt,
+                prompt_src,
+                t=t,
+                guidance_scale=cfg,
+                schedule=self.pds_schedule,
+                num_grid_steps=self.num_grid_steps,
+                psi_scale=self.psi_scale,
+                chi_scale=self.chi_scale,
+                generator=generator,
+            )
+        common = dict(t=t, guidance_scale=cfg, weighting=self.weighting, grad_clip=self.grad_clip)
+        if self.method == "sdi":
+            return sdi(
+                prior,
+                x0,
+                prompt,
+                inversion_guidance_scale=self.inversion_guidance_scale,
+                num_inversion_steps=self.num_inversion_steps,
+                inversion_eta=self.inversion_eta,
+                generator=generator,
+                **common,
+            )
+        return sds(prior, x0, prompt, generator=generator, **common)
