@@ -5,6 +5,7 @@ them when it is constructed.
 """
 
 from .base import Prior, PriorInputError, classifier_free_guidance, scaled_linear_betas
+from .config import ExactPriorConfig, PriorConfig
 from .exact import ExactPrior
 from .stable_diffusion import (
     PriorLoadError,
@@ -16,7 +17,9 @@ from .stable_diffusion import (
 
 __all__ = [
     "ExactPrior",
+    "ExactPriorConfig",
     "Prior",
+    "PriorConfig",
     "PriorInputError",
     "PriorLoadError",
     "StableDiffusionPrior",

@@ -1,0 +1,81 @@
+"""One config that picks and builds a prior: Stable Diffusion, or the exact prior of an image set.
+
+Plain dataclasses (tyro shows them as ``--pipeline.prior.*``); nothing heavy is imported until
+:meth:`PriorConfig.setup` runs, so building a pipeline config never loads diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.stable_diffusion import (
+    PriorLoadError,
+    StableDiffusionPrior,
+    StableDiffusionPriorConfig,
+)
+
+EXACT_PRIOR_FILE = "exact_prior.json"
+"""Index of an exact-prior image set: ``{"prompts": {"<prompt>": "<subfolder>", ...}, "sigma": 0.0}``."""
+
+
+@dataclass
+class ExactPriorConfig:
+    """The closed-form denoiser of a prompt-labelled image set (no network; runs on CPU)."""
+
+    folder: Path | None = None
+    """Folder holding exact_prior.json and one subfolder of PNGs per prompt, e.g. as written by
+    nerfstudio_distill.data.prior_sets. Images must have the render resolution."""
+    sigma: float | None = None
+    """Std of the Gaussian around each image (pixel units in [0, 1]); 0 memorises the set exactly.
+    None: the value in exact_prior.json (else 0)."""
+    device: str | None = None
+    """Device of the image set; None: the NeRF's device."""
+
+    def setup(self, device: str | None = None) -> Prior:
+        from nerfstudio_distill.priors.exact import ExactPrior
+
+        if self.folder is None:
+            raise PriorLoadError(
+                "the exact prior needs an image set: pass --pipeline.prior.exact.folder DIR (a folder with "
+                f"{EXACT_PRIOR_FILE})"
+            )
+        index_file = Path(self.folder) / EXACT_PRIOR_FILE
+        if not index_file.is_file():
+            raise PriorLoadError(
+                f"{index_file} not found: point --pipeline.prior.exact.folder at a folder written by "
+                "nerfstudio_distill.data.prior_sets (it holds exact_prior.json)"
+            )
+        index = json.loads(index_file.read_text())
+        folders = {prompt: Path(self.folder) / sub for prompt, sub in index["prompts"].items()}
+        sigma = self.sigma if self.sigma is not None else float(index.get("sigma", 0.0))
+        prior = ExactPrior.from_folders(folders, sigma=sigma)
+        return prior.to(self.device or device or "cpu")
+
+
+@dataclass
+class PriorConfig:
+    """The diffusion prior that judges rendered views."""
+
+    kind: Literal["stable-diffusion", "exact"] = "stable-diffusion"
+    """stable-diffusion: a diffusers SD checkpoint (hub id or local folder). exact: the closed-form
+    optimal denoiser of a labelled image set, for offline demos and scored CPU runs."""
+    stable_diffusion: StableDiffusionPriorConfig = field(default_factory=StableDiffusionPriorConfig)
+    """Options of the Stable Diffusion prior (used when kind is stable-diffusion)."""
+    exact: ExactPriorConfig = field(default_factory=ExactPriorConfig)
+    """Options of the exact prior (used when kind is exact)."""
+
+    def setup(self, device: str | None = None) -> Prior:
+        """Build the prior; ``device`` is the NeRF's, used when the prior's own device is unset."""
+        if self.kind == "exact":
+            return self.exact.setup(device)
+        sd = self.stable_diffusion
+        return StableDiffusionPrior(sd, device=sd.device or device)
+
+    @property
+    def native_resolution(self) -> bool:
+        """Whether the prior takes renders at their own size (exact) rather than resized (SD)."""
+        return self.kind == "exact"
