@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import method_configs  # noqa: F401  (installs the compat layer, as nerfstudio loading the plugin does)
+
 BIN = Path(sys.executable).parent
 """The virtual environment's bin folder, where ns-train/ns-export live."""
 

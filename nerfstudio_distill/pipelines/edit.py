@@ -1,0 +1,350 @@
+"""Text-driven editing of a trained nerfacto scene: render a view -> prior -> guidance -> field.
+
+One pipeline serves ``pds-edit``, ``dds-edit`` and ``sds-edit``; only ``guidance.method`` differs.
+Each step renders one training view with gradients, encodes it, asks the guidance function for the
+gradient on the latents, and backpropagates it into the field. The source branch (DDS/PDS) is the
+view's original image, encoded once and cached.
+
+An optional refinement stage (the last ``refine_steps`` steps) runs the SDEdit-based iterative
+dataset update of Instruct-NeRF2NeRF, as the PDS paper does after PDS: every ``refine_every`` steps
+one training image is replaced by a lightly re-noised and denoised render, and the field trains on
+those images with nerfacto's photometric losses.
+
+The prior is built only when training (never by ``ns-export``/``ns-viewer``) and is kept outside
+the module tree, so its weights never enter checkpoints.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
+from nerfstudio.models.nerfacto import NerfactoModelConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
+from torch import Tensor, nn
+
+from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
+from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.sdedit import sdedit
+from nerfstudio_distill.pipelines.trainer import DistillError
+from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.config import PriorConfig
+
+
+@dataclass
+class EditPipelineConfig(VanillaPipelineConfig):
+    """Edit a trained scene so its views match a target prompt."""
+
+    _target: type = field(default_factory=lambda: EditPipeline)
+    datamanager: EditDataManagerConfig = field(default_factory=EditDataManagerConfig)
+    """Serves whole training views, their original images and cameras."""
+    model: NerfactoModelConfig = field(default_factory=NerfactoModelConfig)
+    """The scene model; must match the settings of the base nerfacto run."""
+    target_prompt: str = ""
+    """What the edited scene should show, e.g. "a photo of a man in a suit". Required."""
+    source_prompt: str = ""
+    """What the scene shows now, e.g. "a photo of a man" (the source branch of DDS/PDS). Empty: the
+    unconditional prompt."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """Which distillation gradient (pds, dds, sds) and its options."""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    """The diffusion model that judges the renders."""
+    prior_resolution: int | None = 512
+    """Short side, in pixels, of the images given to the prior (renders are resized bilinearly). 512
+    suits SD 1.5; None feeds renders at their own size (the exact prior needs that)."""
+    render_scale: float = 1.0
+    """Fraction of a view's resolution rendered per step (0.5: half width and height). Lower is faster
+    and lighter; the render is then upsampled to prior_resolution."""
+    crop_size: int | None = None
+    """Render a random square crop of this many pixels (of the scaled view) instead of the whole
+    view. None: whole view."""
+    chunk_size: int = 16384
+    """Rays rendered at once. Larger renders are done in two passes (render, then backpropagate chunk
+    by chunk), so memory stays bounded by this number."""
+    guidance_weight: float = 1.0
+    """Multiplier of the guidance gradient on the render."""
+    refine_steps: int = 0
+    """Run the last refine_steps of --max-num-iterations as the refinement stage (SDEdit dataset update
+    plus nerfacto's photometric losses). 0: no refinement."""
+    refine_every: int = 10
+    """Refinement: replace one training image every this many steps."""
+    refine_strength: float = 0.3
+    """Refinement: SDEdit re-noising level as a fraction of T (small keeps more of the render)."""
+    refine_denoise_steps: int = 10
+    """Refinement: DDIM steps of each SDEdit denoising (one prior call each)."""
+    seed: int = 0
+    """Seed of the view, crop, timestep and noise draws."""
+
+
+class DistillationPanel(nn.Module):
+    """Controls in the viewer's "Distillation" folder (the attribute name is the folder label)."""
+
+    def __init__(self, config: EditPipelineConfig) -> None:
+        super().__init__()
+        g = config.guidance
+        self.target_prompt = ViewerText(
+            "Target prompt", config.target_prompt, hint="Used from the next step on"
+        )
+        self.guidance_scale = ViewerNumber("CFG scale", g.guidance_scale, hint="Classifier-free guidance")
+        self.psi_scale = ViewerNumber("PDS psi scale", g.psi_scale, hint="Identity-preservation term")
+        self.chi_scale = ViewerNumber("PDS chi scale", g.chi_scale, hint="Editing term")
+        self.t = ViewerText("Current t", "-", disabled=True)
+        self.loss = ViewerText("Guidance |grad|", "-", disabled=True)
+
+
+class EditPipeline(VanillaPipeline):
+    """See the module docstring."""
+
+    config: EditPipelineConfig
+    datamanager: EditDataManager
+
+    def __init__(
+        self, config: EditPipelineConfig, device: str, test_mode: str = "val", **kwargs: Any
+    ) -> None:
+        training = test_mode == "val"
+        if training:
+            check_prompts(config)
+        super().__init__(config, device, test_mode=test_mode, **kwargs)
+        self.grad_scaler = kwargs.get("grad_scaler")
+        # The base run learned the camera poses from photos; guidance must not move them.
+        self.model.camera_optimizer.requires_grad_(False)
+        self.register_buffer("edit_start_step", torch.tensor(-1, dtype=torch.long))
+        self.Distillation = DistillationPanel(config)
+        self.__dict__["_prior"] = config.prior.setup(device=str(device)) if training else None
+        self._source_latents: dict[int, Tensor] = {}
+        self._num_steps = 1
+        self._refine_started = False
+
+    # --------------------------------------------------------------- schedule
+    def start_edit(self, start_step: int, num_steps: int) -> None:
+        """Called by the trainer once the checkpoint is loaded (a resumed run keeps its start)."""
+        if int(self.edit_start_step) < 0:
+            self.edit_start_step.fill_(start_step)
+        self._num_steps = max(num_steps, 1)
+
+    def _stage_step(self, step: int) -> int:
+        return step - max(int(self.edit_start_step), 0)
+
+    def _in_refinement(self, step: int) -> bool:
+        return (
+            self.config.refine_steps > 0
+            and self._stage_step(step) >= self._num_steps - self.config.refine_steps
+        )
+
+    @property
+    def prior(self) -> Prior:
+        if self._prior is None:
+            raise DistillError(
+                "the prior is only loaded for training (ns-train), not by ns-export or ns-viewer"
+            )
+        return self._prior
+
+    # -------------------------------------------------------------- training
+    def get_train_loss_dict(self, step: int):
+        if self._in_refinement(step):
+            return self._refine_step(step)
+        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        index = int(torch.randint(self.datamanager.num_train_views, (1,), generator=rng))
+        rays, crop, scale = self._view(index, rng)
+        height, width = rays.shape
+        single_pass = height * width <= self.config.chunk_size
+        outputs = self._render(rays, with_grad=single_pass)
+        image = outputs["rgb"]
+        if not single_pass:
+            image = image.detach().requires_grad_(True)
+
+        panel = self.Distillation
+        guidance = self.config.guidance
+        guidance.guidance_scale = float(panel.guidance_scale.value)
+        guidance.psi_scale, guidance.chi_scale = float(panel.psi_scale.value), float(panel.chi_scale.value)
+        stage_steps = max(self._num_steps - self.config.refine_steps, 1)
+        progress = min(max(self._stage_step(step) / stage_steps, 0.0), 1.0)
+        with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
+            latents = self.prior.encode(self._to_prior(image.float()))
+            source = self._source(index, crop, scale) if guidance.method in ("dds", "pds") else None
+            out = guidance(
+                self.prior,
+                latents,
+                panel.target_prompt.value,
+                x0_src=source,
+                prompt_src=self.config.source_prompt,
+                progress=progress,
+                generator=rng,
+            )
+        metrics = {"guidance_grad_norm": out.grad_norm.detach(), "guidance_t": out.t.float().mean()}
+        if out.psi is not None:
+            metrics.update(psi=out.psi.float().mean(), chi=out.chi.float().mean())
+        panel.t.value = str(out.t.tolist())
+        panel.loss.value = f"{float(out.grad_norm):.4g}"
+        if not torch.isfinite(out.grad).all():
+            warnings.warn(
+                f"step {step}: the guidance gradient has NaN/Inf; step skipped", RuntimeWarning, stacklevel=2
+            )
+            return outputs, {"guidance": image.sum() * 0.0}, metrics
+
+        loss = out.loss.to(image.device) * self.config.guidance_weight
+        if single_pass:
+            return outputs, {"guidance": loss, **self._regularizers(outputs)}, metrics
+        (grad_image,) = torch.autograd.grad(loss, image)
+        self._backward_in_chunks(rays, grad_image)
+        return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
+
+    def _view(
+        self, index: int, rng: torch.Generator
+    ) -> tuple[RayBundle, tuple[int, int, int, int] | None, float]:
+        scale = self.config.render_scale
+        camera = self.datamanager.train_dataset.cameras[index]
+        height, width = int(camera.height * scale), int(camera.width * scale)
+        crop = None
+        if self.config.crop_size is not None and self.config.crop_size < min(height, width):
+            size = self.config.crop_size
+            top = int(torch.randint(height - size + 1, (1,), generator=rng))
+            left = int(torch.randint(width - size + 1, (1,), generator=rng))
+            crop = (top, left, size, size)
+        return self.datamanager.view_rays(index, scale, crop), crop, scale
+
+    def _render(self, rays: RayBundle, with_grad: bool) -> dict[str, Any]:
+        """Render an ``H x W`` bundle in chunks; outputs reshaped to ``H x W x C``."""
+        height, width = rays.shape
+        flat = rays.flatten()
+        chunks = []
+        with torch.set_grad_enabled(with_grad):
+            for start in range(0, len(flat), self.config.chunk_size):
+                chunks.append(self.model(flat[start : start + self.config.chunk_size]))
+        outputs: dict[str, Any] = {}
+        for key, value in chunks[0].items():
+            if torch.is_tensor(value):
+                outputs[key] = torch.cat([c[key] for c in chunks]).reshape(height, width, -1)
+        if len(chunks) == 1 and "weights_list" in chunks[0]:  # nerfacto returns them in training mode
+            outputs.update(
+                weights_list=chunks[0]["weights_list"], ray_samples_list=chunks[0]["ray_samples_list"]
+            )
+        return outputs
+
+    def _regularizers(self, outputs: dict[str, Any]) -> dict[str, Tensor]:
+        """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode)."""
+        if "weights_list" not in outputs:
+            return {}
+        weights, samples = outputs["weights_list"], outputs["ray_samples_list"]
+        cfg = self.model.config
+        return {
+            "interlevel_loss": cfg.interlevel_loss_mult * interlevel_loss(weights, samples),
+            "distortion_loss": cfg.distortion_loss_mult * distortion_loss(weights, samples),
+        }
+
+    def _backward_in_chunks(self, rays: RayBundle, grad_image: Float[Tensor, "H W 3"]) -> None:
+        """Second pass: re-render each chunk with autograd and push its slice of the image gradient."""
+        flat, grad = rays.flatten(), grad_image.reshape(-1, 3)
+        n, size = len(flat), self.config.chunk_size
+        for start in range(0, n, size):
+            out = self.model(flat[start : start + size])
+            share = out["rgb"].shape[0] / n
+            loss = (out["rgb"] * grad[start : start + size]).sum()
+            loss = loss + share * sum(self._regularizers(out).values())
+            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    def _to_prior(self, image: Float[Tensor, "H W 3"]) -> Float[Tensor, "1 3 h w"]:
+        """Render (or source image) to the prior's input: channels first, resized to prior_resolution."""
+        x = image[..., :3].clamp(0, 1).permute(2, 0, 1)[None]
+        size = self.config.prior_resolution
+        if size is not None and min(x.shape[-2:]) != size:
+            h, w = x.shape[-2:]
+            factor = size / min(h, w)
+            x = F.interpolate(
+                x, size=(round(h * factor), round(w * factor)), mode="bilinear", align_corners=False
+            )
+        return x
+
+    def _source(self, index: int, crop: tuple[int, int, int, int] | None, scale: float) -> Tensor:
+        """Latents of view ``index``'s original image, cut like the render; cached for whole views."""
+        if crop is None and index in self._source_latents:
+            return self._source_latents[index]
+        image = self.datamanager.source_image(index).to(self.device)
+        if scale != 1.0:
+            size = (int(image.shape[0] * scale), int(image.shape[1] * scale))
+            image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")[0].permute(1, 2, 0)
+        if crop is not None:
+            top, left, height, width = crop
+            image = image[top : top + height, left : left + width]
+        with torch.no_grad():
+            latents = self.prior.encode(self._to_prior(image.float()))
+        if crop is None:
+            self._source_latents[index] = latents
+        return latents
+
+    # ------------------------------------------------------------ refinement
+    def _refine_step(self, step: int):
+        """Iterative dataset update (SDEdit under the target prompt), then nerfacto's photometric step."""
+        views = self.datamanager.num_train_views
+        if not self._refine_started:  # start from the edited scene, not from the source photos
+            for index in range(views):
+                self.datamanager.replace_train_image(index, self._render_view(index))
+            self._refine_started = True
+        k = self._stage_step(step) - (self._num_steps - self.config.refine_steps)
+        if k % self.config.refine_every == 0:
+            index = (k // self.config.refine_every) % views
+            render = self._render_view(index)
+            rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+            with torch.no_grad(), torch.autocast(device_type=render.device.type, enabled=False):
+                latents = self.prior.encode(self._to_prior(render))
+                edited = sdedit(
+                    self.prior,
+                    latents,
+                    self.Distillation.target_prompt.value,
+                    strength=self.config.refine_strength,
+                    num_steps=self.config.refine_denoise_steps,
+                    guidance_scale=float(self.Distillation.guidance_scale.value),
+                    generator=rng,
+                )
+                image = self.prior.decode(edited)
+            image = F.interpolate(image, size=render.shape[:2], mode="bilinear", align_corners=False)
+            self.datamanager.replace_train_image(index, image[0].permute(1, 2, 0))
+        return super().get_train_loss_dict(step)
+
+    def _render_view(self, index: int) -> Float[Tensor, "H W 3"]:
+        with torch.no_grad():
+            return self._render(self.datamanager.view_rays(index), with_grad=False)["rgb"].clamp(0, 1)
+
+    # ------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict, strict: bool | None = None):
+        """Strict model loading: a base that does not match the data or model settings is an error."""
+        model_state = {k[len("_model.") :]: v for k, v in state_dict.items() if k.startswith("_model.")}
+        check_state_matches(self.model.state_dict(), model_state)
+        return super().load_state_dict(state_dict, strict=True)
+
+
+def check_prompts(config: EditPipelineConfig) -> None:
+    """One-line errors (and a warning) for the prompts of an edit."""
+    if not config.target_prompt.strip():
+        raise DistillError('an edit needs a target: pass --pipeline.target-prompt "a photo of ..."')
+    if config.target_prompt.strip() == config.source_prompt.strip():
+        warnings.warn(
+            "--pipeline.target-prompt equals --pipeline.source-prompt: DDS/PDS will leave the scene "
+            "unchanged (a valid no-op check)",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def check_state_matches(expected: dict[str, Tensor], loaded: dict[str, Tensor]) -> None:
+    """Raise one line naming the first differences between a checkpoint and the model."""
+    problems = [f"{k} missing" for k in expected if k not in loaded]
+    problems += [f"{k} unexpected" for k in loaded if k not in expected]
+    problems += [
+        f"{k} is {list(loaded[k].shape)} in the checkpoint but {list(v.shape)} here"
+        for k, v in expected.items()
+        if k in loaded and loaded[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DistillError(
+            f"the --load-dir checkpoint does not match this scene/model: {'; '.join(problems[:3])}{more}: "
+            "use the same --data and nerfacto settings as the base run"
+        )

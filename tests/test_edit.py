@@ -1,0 +1,235 @@
+"""The edit pipeline (pds-edit, dds-edit, sds-edit): in-process checks and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+from nerfstudio_distill.guidance.common import GuidanceOutput
+from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.pipelines.edit import EditPipelineConfig, check_prompts, check_state_matches
+from nerfstudio_distill.pipelines.trainer import DistillError, DistillTrainerConfig, check_load_dir
+from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
+
+SOURCE, TARGET = "a red striped ball", "a blue striped ball"
+
+
+def one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+
+
+@pytest.fixture(scope="module")
+def prior_set(tiny_scene, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prior") / "set"
+    return write_exact_prior_set(tiny_scene, out, {SOURCE: [{}], TARGET: [{"colour": "blue"}]})
+
+
+def tiny_model():
+    from nerfstudio.models.nerfacto import NerfactoModelConfig
+
+    return NerfactoModelConfig(
+        implementation="torch",
+        hidden_dim=16,
+        hidden_dim_color=16,
+        num_levels=4,
+        log2_hashmap_size=12,
+        num_nerf_samples_per_ray=16,
+        num_proposal_samples_per_ray=(16, 8),
+        eval_num_rays_per_chunk=4096,
+    )
+
+
+def edit_config(scene: Path, prior_folder: Path, method: str = "pds", **changes) -> EditPipelineConfig:
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from nerfstudio_distill.data.edit_datamanager import EditDataManagerConfig
+
+    config = EditPipelineConfig(
+        datamanager=EditDataManagerConfig(dataparser=NerfstudioDataParserConfig(data=scene)),
+        model=tiny_model(),
+        target_prompt=TARGET,
+        source_prompt=SOURCE,
+        guidance=GuidanceConfig(method=method),
+        prior=PriorConfig(kind="exact", exact=ExactPriorConfig(folder=prior_folder)),
+        prior_resolution=None,
+    )
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture
+def pipeline(tiny_scene, prior_set):
+    config = edit_config(tiny_scene, prior_set)
+    pipe = config.setup(device="cpu", test_mode="val", grad_scaler=None)
+    pipe.start_edit(0, 10)
+    return pipe
+
+
+def field_grads(pipe) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in pipe.model.field.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------- steps
+def test_step_moves_the_field_not_the_cameras(pipeline):
+    _, losses, metrics = pipeline.get_train_loss_dict(step=0)
+    sum(losses.values()).backward()
+    grads = field_grads(pipeline)
+    assert grads and any(g.abs().sum() > 0 for g in grads.values())
+    assert pipeline.model.camera_optimizer.pose_adjustment.grad is None
+    assert torch.isfinite(metrics["guidance_grad_norm"]) and metrics["psi"] > 0
+
+
+def test_prior_is_not_in_the_checkpoint(pipeline):
+    keys = pipeline.state_dict().keys()
+    assert not any("points" in k or "prior" in k for k in keys)
+    assert "edit_start_step" in keys
+
+
+def test_two_pass_render_gives_the_single_pass_gradient(tiny_scene, prior_set):
+    grads = []
+    for chunk in (1 << 20, 500):  # one pass with autograd, then render + chunked backpropagation
+        pipe = edit_config(tiny_scene, prior_set, chunk_size=chunk).setup(device="cpu", test_mode="val")
+        torch.manual_seed(0)
+        pipe.model.load_state_dict(reference_state(pipe))
+        pipe.model.eval()  # deterministic sampling, so both passes see the same rays and samples
+        pipe.start_edit(0, 10)
+        _, losses, _ = pipe.get_train_loss_dict(step=3)
+        sum(losses.values()).backward()
+        grads.append(field_grads(pipe))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)
+
+
+_REFERENCE: dict = {}
+
+
+def reference_state(pipe) -> dict:
+    if not _REFERENCE:
+        _REFERENCE.update({k: v.clone() for k, v in pipe.model.state_dict().items()})
+    return _REFERENCE
+
+
+def test_nan_guidance_skips_the_step(pipeline, monkeypatch):
+    def nan_guidance(self, prior, x0, prompt, **kwargs):
+        grad = torch.full_like(x0, float("nan"))
+        return GuidanceOutput(grad=grad, loss=(x0 * grad).sum(), t=torch.tensor([500]))
+
+    monkeypatch.setattr(GuidanceConfig, "__call__", nan_guidance)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        _, losses, _ = pipeline.get_train_loss_dict(step=0)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(g).all() and not g.any() for g in field_grads(pipeline).values())
+
+
+def test_live_target_prompt_is_used_next_step(pipeline):
+    pipeline.get_train_loss_dict(step=0)
+    assert TARGET in pipeline.prior._embedding_cache
+    pipeline.Distillation.target_prompt.value = SOURCE  # as typed in the viewer panel
+    pipeline.get_train_loss_dict(step=1)
+    assert pipeline.Distillation.t.value != "-"
+    assert SOURCE in pipeline.prior._embedding_cache
+
+
+def test_refinement_replaces_training_images(tiny_scene, prior_set):
+    config = edit_config(tiny_scene, prior_set, refine_steps=4, refine_every=2, refine_denoise_steps=2)
+    pipe = config.setup(device="cpu", test_mode="val")
+    pipe.start_edit(0, 6)
+    before = pipe.datamanager.train_image_dataloader.cached_collated_batch["image"].clone()
+    _, losses, _ = pipe.get_train_loss_dict(step=2)  # first refinement step
+    assert "rgb_loss" in losses  # nerfacto's photometric loss on the updated images
+    after = pipe.datamanager.train_image_dataloader.cached_collated_batch["image"]
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(pipe.datamanager.source_images, source_images_of(pipe))
+
+
+def source_images_of(pipe) -> torch.Tensor:
+    return torch.stack(
+        [
+            pipe.datamanager.train_dataset[i]["image"][..., :3]
+            for i in range(len(pipe.datamanager.train_dataset))
+        ]
+    )
+
+
+def test_export_time_pipeline_does_not_load_the_prior(tiny_scene, tmp_path):
+    config = edit_config(tiny_scene, tmp_path / "no-such-prior")  # would fail if it were loaded
+    pipe = config.setup(device="cpu", test_mode="inference")
+    with pytest.raises(DistillError, match="only loaded for training"):
+        pipe.prior  # noqa: B018
+
+
+# ------------------------------------------------------------------- bad input
+def test_empty_target_prompt_is_an_error(tiny_scene, prior_set):
+    with pytest.raises(DistillError) as err:
+        check_prompts(edit_config(tiny_scene, prior_set, target_prompt="  "))
+    one_line(err, "--pipeline.target-prompt")
+
+
+def test_same_prompts_warn(tiny_scene, prior_set):
+    with pytest.warns(UserWarning, match="no-op"):
+        check_prompts(edit_config(tiny_scene, prior_set, source_prompt=TARGET))
+
+
+def test_missing_exact_prior_folder_is_one_line(tiny_scene, tmp_path):
+    from nerfstudio_distill.priors.stable_diffusion import PriorLoadError
+
+    with pytest.raises(PriorLoadError) as err:
+        edit_config(tiny_scene, tmp_path).setup(device="cpu", test_mode="val")
+    one_line(err, "--pipeline.prior.exact.folder")
+
+
+def test_mismatched_checkpoint_names_what_differs():
+    expected = {"field.embedding_appearance.embedding.weight": torch.zeros(12, 32), "a": torch.zeros(1)}
+    loaded = {"field.embedding_appearance.embedding.weight": torch.zeros(24, 32), "b": torch.zeros(1)}
+    with pytest.raises(DistillError) as err:
+        check_state_matches(expected, loaded)
+    one_line(err, "[24, 32] in the checkpoint but [12, 32] here", "a missing", "b unexpected", "same --data")
+
+
+def trainer_config(load_dir, data: Path) -> DistillTrainerConfig:
+    return DistillTrainerConfig(method_name="pds-edit", require_load_dir=True, load_dir=load_dir, data=data)
+
+
+def fake_run(tmp_path: Path, method: str, data: Path) -> Path:
+    run = tmp_path / method / "run"
+    (run / "nerfstudio_models").mkdir(parents=True)
+    (run / "nerfstudio_models" / "step-000000010.ckpt").write_bytes(b"")
+    (run / "config.yml").write_text(yaml.dump(DistillTrainerConfig(method_name=method, data=data)))
+    return run / "nerfstudio_models"
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("none", "pass --load-dir"),
+        ("missing", "does not exist"),
+        ("empty", "no step-*.ckpt"),
+        ("other-method", "is a splatfacto run"),
+        ("other-scene", "pass the same --data"),
+    ],
+)
+def test_load_dir_problems_are_one_line(tmp_path, case, needle):
+    data = tmp_path / "scene"
+    load_dir = {
+        "none": None,
+        "missing": tmp_path / "nope",
+        "empty": tmp_path,
+        "other-method": fake_run(tmp_path, "splatfacto", data),
+        "other-scene": fake_run(tmp_path, "nerfacto", tmp_path / "another-scene"),
+    }[case]
+    with pytest.raises(DistillError) as err:
+        check_load_dir(trainer_config(load_dir, data))
+    one_line(err, needle)
+
+
+def test_matching_base_run_is_accepted(tmp_path):
+    data = tmp_path / "scene"
+    assert check_load_dir(trainer_config(fake_run(tmp_path, "nerfacto", data), data)) == "nerfacto"

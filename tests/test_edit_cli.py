@@ -1,0 +1,130 @@
+"""pds-edit through nerfstudio's real CLIs: base nerfacto -> edit -> resume -> ns-export, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+from tests.conftest import CPU_NERFACTO, offline_env, run_cli
+
+TINY_FIELD = [
+    "--pipeline.model.hidden-dim", "16",
+    "--pipeline.model.hidden-dim-color", "16",
+    "--pipeline.model.num-levels", "4",
+    "--pipeline.model.log2-hashmap-size", "12",
+]  # fmt: skip
+
+
+def ns_train(
+    method: str, out: Path, scene: Path, *flags: str, steps: int = 2, timestamp: str = "run"
+) -> list[str]:
+    return [
+        "ns-train", method, *CPU_NERFACTO, *TINY_FIELD,
+        "--max-num-iterations", str(steps), "--output-dir", str(out), "--timestamp", timestamp,
+        "--pipeline.datamanager.train-num-rays-per-batch", "256", "--data", str(scene), *flags,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_scene, tmp_path_factory) -> Path:
+    """A plain `ns-train nerfacto` run of the tiny scene (its nerfstudio_models folder)."""
+    tmp = tmp_path_factory.mktemp("base")
+    proc = run_cli(ns_train("nerfacto", tmp / "out", tiny_scene), offline_env(tmp), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out" / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models"
+
+
+@pytest.fixture(scope="module")
+def prior_folder(tiny_scene, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prior") / "set"
+    prompts = {"a red striped ball": [{}], "a blue striped ball": [{"colour": "blue"}]}
+    return write_exact_prior_set(tiny_scene, out, prompts)
+
+
+def edit_flags(prior_folder: Path, *extra: str) -> list[str]:
+    return [
+        "--pipeline.target-prompt", "a blue striped ball",
+        "--pipeline.source-prompt", "a red striped ball",
+        "--pipeline.prior.kind", "exact",
+        "--pipeline.prior.exact.folder", str(prior_folder),
+        "--pipeline.prior-resolution", "None",
+        *extra,
+    ]  # fmt: skip
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last
+
+
+@pytest.mark.slow
+def test_edit_resume_and_export(tiny_scene, base_run, prior_folder, tmp_path):
+    env, out = offline_env(tmp_path), tmp_path / "out"
+    flags = edit_flags(prior_folder, "--load-dir", str(base_run))
+    edit = run_cli(ns_train("pds-edit", out, tiny_scene, *flags, "--steps-per-save", "2"), env, tmp_path)
+    assert edit.returncode == 0, edit.stderr[-3000:]
+    assert "optimizers and schedulers start fresh" in edit.stdout
+    run = out / tiny_scene.name / "pds-edit" / "run"
+    first = sorted((run / "nerfstudio_models").glob("step-*.ckpt"))
+    base_size = next(base_run.glob("step-*.ckpt")).stat().st_size
+    assert first and first[-1].stat().st_size < 1.05 * base_size  # no prior weights inside
+
+    # a killed run resumes from its own checkpoint: everything restored, the step counter continues
+    flags = edit_flags(prior_folder, "--load-dir", str(run / "nerfstudio_models"))
+    resume = run_cli(ns_train("pds-edit", out, tiny_scene, *flags, timestamp="resumed"), env, tmp_path)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert "optimizers and schedulers start fresh" not in resume.stdout
+    (last,) = (out / tiny_scene.name / "pds-edit" / "resumed" / "nerfstudio_models").glob("step-*.ckpt")
+    assert last.name > first[-1].name
+
+    for exporter, extra, produced in [
+        ("pointcloud", ["--num-points", "256", "--normal-method", "open3d"], "point_cloud.ply"),
+        ("tsdf", ["--resolution", "32", "--batch-size", "2", "--texture-method", "tsdf"], "tsdf_mesh.ply"),
+    ]:
+        target = tmp_path / exporter
+        cmd = [
+            "ns-export",
+            exporter,
+            "--load-config",
+            str(run / "config.yml"),
+            "--output-dir",
+            str(target),
+            *extra,
+        ]
+        proc = run_cli(cmd, env, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (target / produced).stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        ([], ["pass --load-dir"]),
+        (["--load-dir", "/no/such/dir"], ["does not exist"]),
+        (["--load-dir", "{base}", "--pipeline.target-prompt", ""], ["--pipeline.target-prompt"]),
+        (["--load-dir", "{base}", "--pipeline.prior.exact.folder", "/no/such/prior"], ["exact_prior.json"]),
+        (
+            ["--load-dir", "{base}", "--pipeline.prior.kind", "stable-diffusion"]
+            + ["--pipeline.prior.stable-diffusion.model", "nobody/no-such-model"],
+            ["HF_HUB_OFFLINE"],
+        ),
+        (["--load-dir", "{base}", "--pipeline.model.hidden-dim", "32"], ["does not match", "same --data"]),
+    ],
+    ids=["no-load-dir", "missing-load-dir", "empty-target", "missing-prior", "unloadable-sd", "other-model"],
+)
+def test_bad_input_is_one_line(tiny_scene, base_run, prior_folder, tmp_path, flags, needles):
+    flags = [f.replace("{base}", str(base_run)) for f in flags]
+    out = tmp_path / "out"
+    proc = run_cli(
+        ns_train("pds-edit", out, tiny_scene, *edit_flags(prior_folder), *flags),
+        offline_env(tmp_path),
+        tmp_path,
+    )
+    assert_one_line_error(proc, *needles)
+    assert not list(out.rglob("*.ckpt"))
