@@ -113,7 +113,9 @@ def test_nerfacto_builds_offline_with_one_warning_and_omits_lpips(monkeypatch, t
 
     image = torch.rand(8, 8, 3)
     outputs = {"rgb": image, "accumulation": torch.ones(8, 8, 1), "depth": torch.ones(8, 8, 1)}
-    outputs.update({f"prop_depth_{i}": torch.ones(8, 8, 1) for i in range(model.config.num_proposal_iterations)})
+    outputs.update(
+        {f"prop_depth_{i}": torch.ones(8, 8, 1) for i in range(model.config.num_proposal_iterations)}
+    )
     metrics, _ = model.get_image_metrics_and_images(outputs, {"image": image})
     assert "lpips" not in metrics and "psnr" in metrics
 

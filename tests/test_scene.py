@@ -263,4 +263,3 @@ def test_cli_writes_and_overwrites(tmp_path: Path) -> None:
     assert (folder / "notes.txt").read_text() == "keep"
     spec, cameras = load_scene(folder)
     assert (spec.colour, spec.shape, len(cameras), cameras.width) == ("blue", "box", 2, 16)
-
