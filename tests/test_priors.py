@@ -329,6 +329,38 @@ def test_sd_options(tiny_sd, sd):
     assert_one_line(e, "'fp32'")
 
 
+def test_sd_from_components(tiny_sd, sd):
+    """In-memory networks give the same prior as loading the folder (same weights, same outputs)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = {
+        name: cls.from_pretrained(tiny_sd, subfolder=name)
+        for name, cls in [
+            ("unet", UNet2DConditionModel),
+            ("vae", AutoencoderKL),
+            ("text_encoder", CLIPTextModel),
+            ("tokenizer", CLIPTokenizer),
+            ("scheduler", DDIMScheduler),
+        ]
+    }
+    built = StableDiffusionPrior.from_components(**parts, device="cpu", guidance_scale=3.0)
+    assert isinstance(built, StableDiffusionPrior) and built.guidance_scale == 3.0
+    assert built.vae_scale_factor == sd.vae_scale_factor and built.steps_offset == sd.steps_offset
+    torch.testing.assert_close(built.alphas_cumprod, sd.alphas_cumprod)
+    for net in (built.unet, built.vae, built.text_encoder):
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(built.encode(images), sd.encode(images))
+    x_t, t = torch.randn(1, 2, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([100, 600])
+    torch.testing.assert_close(
+        built.predict_noise(x_t, t, ["a cat"], 3.0), sd.predict_noise(x_t, t, ["a cat"], 3.0)
+    )
+    with pytest.raises(PriorInputError) as e:
+        StableDiffusionPrior.from_components(**parts, dtype="fp64")
+    assert_one_line(e, "'fp32'")
+
+
 def test_config_fields_documented():
     import ast
     import inspect

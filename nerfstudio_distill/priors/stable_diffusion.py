@@ -108,23 +108,12 @@ class StableDiffusionPrior(Prior):
 
     ``StableDiffusionPrior(config)`` or ``StableDiffusionPrior(model="path", device="cpu", ...)`` (keyword
     arguments override fields of the config). Latents are ``B x 4 x H/8 x W/8`` for SD.
+    :meth:`from_components` wraps networks already in memory instead of loading ``config.model``.
     """
 
     def __init__(self, config: StableDiffusionPriorConfig | None = None, **overrides: Any) -> None:
-        config = dataclasses.replace(config or StableDiffusionPriorConfig(), **overrides)
-        if config.latent_mode not in ("mean", "sample"):
-            raise PriorInputError(f"latent_mode={config.latent_mode!r}: use 'mean' or 'sample'")
-        if config.dtype not in ("auto", *_DTYPES):
-            raise PriorInputError(
-                f"dtype={config.dtype!r}: use one of 'auto', {', '.join(map(repr, _DTYPES))}"
-            )
+        config, dtype, device = self._resolve(config, overrides)
         diffusers, transformers = import_diffusers()
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = (
-            _DTYPES[config.dtype]
-            if config.dtype != "auto"
-            else (torch.float16 if device.type == "cuda" else torch.float32)
-        )
         model = os.path.expanduser(config.model)
         local = os.path.isdir(model)
         if not local and _looks_like_path(config.model):
@@ -154,7 +143,66 @@ class StableDiffusionPrior(Prior):
         text_encoder = load(transformers.CLIPTextModel, "text_encoder")
         vae = load(diffusers.AutoencoderKL, "vae", torch_dtype=dtype)
         unet = load(diffusers.UNet2DConditionModel, "unet", torch_dtype=dtype)
+        self._assemble(config, dtype, device, unet, vae, text_encoder, tokenizer, scheduler)
 
+    @classmethod
+    def from_components(
+        cls,
+        unet: Any,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler: Any,
+        config: StableDiffusionPriorConfig | None = None,
+        **overrides: Any,
+    ) -> StableDiffusionPrior:
+        """Wrap networks that are already in memory (e.g. built from a config with random weights).
+
+        ``unet`` (``UNet2DConditionModel``), ``vae`` (``AutoencoderKL``), ``text_encoder``
+        (``CLIPTextModel``), ``tokenizer`` (``CLIPTokenizer``) and ``scheduler`` (a diffusers scheduler with
+        ``betas`` and a ``prediction_type``) are used as given: they are cast to the prior's dtype, moved to
+        its device and frozen IN PLACE. ``config`` / ``overrides`` as for the constructor; ``model``,
+        ``local_files_only`` are ignored (nothing is loaded).
+        """
+        config, dtype, device = cls._resolve(config, overrides)
+        # Cast only when needed: diffusers' ModelMixin.to(dtype) logs a warning on every dtype cast.
+        unet, vae = (net if net.dtype == dtype else net.to(dtype) for net in (unet, vae))
+        prior = cls.__new__(cls)
+        prior._assemble(config, dtype, device, unet, vae, text_encoder, tokenizer, scheduler)
+        return prior
+
+    @staticmethod
+    def _resolve(
+        config: StableDiffusionPriorConfig | None, overrides: dict[str, Any]
+    ) -> tuple[StableDiffusionPriorConfig, torch.dtype, torch.device]:
+        """Config with ``overrides`` applied and checked, and the resolved dtype and device."""
+        config = dataclasses.replace(config or StableDiffusionPriorConfig(), **overrides)
+        if config.latent_mode not in ("mean", "sample"):
+            raise PriorInputError(f"latent_mode={config.latent_mode!r}: use 'mean' or 'sample'")
+        if config.dtype not in ("auto", *_DTYPES):
+            raise PriorInputError(
+                f"dtype={config.dtype!r}: use one of 'auto', {', '.join(map(repr, _DTYPES))}"
+            )
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = (
+            _DTYPES[config.dtype]
+            if config.dtype != "auto"
+            else (torch.float16 if device.type == "cuda" else torch.float32)
+        )
+        return config, dtype, device
+
+    def _assemble(
+        self,
+        config: StableDiffusionPriorConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        unet: Any,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler: Any,
+    ) -> None:
+        """Shared tail of both constructors: schedule, casting, freezing, device placement."""
         super().__init__(
             torch.as_tensor(scheduler.betas),
             config.guidance_scale,
