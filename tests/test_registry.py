@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import tomllib
 from nerfstudio.plugins.types import MethodSpecification
 
 GROUP = "nerfstudio.method_configs"
