@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@$(BIN)/python -m pip install -q $(TORCH) -e '.[dev]' 2>&1 | $(PIP_QUIET)
 	@touch $@
 
-# open3d (imported by ns-export) needs libusb; the viewer test needs Chromium.
+# open3d (imported by ns-export) needs libusb; the viewer test drives Chromium.
 system-deps:
 	@missing=""; \
 	ldconfig -p | grep -q 'libusb-1.0.so.0' || missing="$$missing libusb-1.0-0"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing Debian packages:$$missing"; \

@@ -71,3 +71,51 @@ def tiny_scene(tmp_path_factory) -> Path:
         CameraSpec(num_views=12, width=48, height=48),
     )
     return folder
+
+
+TINY_FIELD = [
+    "--pipeline.model.hidden-dim", "16",
+    "--pipeline.model.hidden-dim-color", "16",
+    "--pipeline.model.num-levels", "4",
+    "--pipeline.model.log2-hashmap-size", "12",
+]  # fmt: skip
+
+
+def ns_train(
+    method: str, out: Path, scene: Path, *flags: str, steps: int = 2, timestamp: str = "run"
+) -> list[str]:
+    return [
+        "ns-train", method, *CPU_NERFACTO, *TINY_FIELD,
+        "--max-num-iterations", str(steps), "--output-dir", str(out), "--timestamp", timestamp,
+        "--pipeline.datamanager.train-num-rays-per-batch", "256", "--data", str(scene), *flags,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_scene, tmp_path_factory) -> Path:
+    """A plain `ns-train nerfacto` run of the tiny scene (its nerfstudio_models folder)."""
+    tmp = tmp_path_factory.mktemp("base")
+    proc = run_cli(ns_train("nerfacto", tmp / "out", tiny_scene), offline_env(tmp), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out" / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models"
+
+
+@pytest.fixture(scope="session")
+def prior_folder(tiny_scene, tmp_path_factory) -> Path:
+    """Exact-prior image set of the tiny scene: its red striped ball and a blue one."""
+    from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+
+    out = tmp_path_factory.mktemp("prior") / "set"
+    prompts = {"a red striped ball": [{}], "a blue striped ball": [{"colour": "blue"}]}
+    return write_exact_prior_set(tiny_scene, out, prompts)
+
+
+def edit_flags(prior_folder: Path, *extra: str) -> list[str]:
+    return [
+        "--pipeline.target-prompt", "a blue striped ball",
+        "--pipeline.source-prompt", "a red striped ball",
+        "--pipeline.prior.kind", "exact",
+        "--pipeline.prior.exact.folder", str(prior_folder),
+        "--pipeline.prior-resolution", "None",
+        *extra,
+    ]  # fmt: skip

@@ -135,6 +135,7 @@ def test_live_target_prompt_is_used_next_step(pipeline):
     pipeline.Distillation.target_prompt.value = SOURCE  # as typed in the viewer panel
     pipeline.get_train_loss_dict(step=1)
     assert pipeline.Distillation.t.value != "-"
+    assert pipeline.Distillation.prompt_in_use.value == SOURCE
     assert SOURCE in pipeline.prior._embedding_cache
 
 

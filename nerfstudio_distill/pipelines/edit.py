@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.cameras.rays import RayBundle
-from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
 from nerfstudio.models.nerfacto import NerfactoModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
@@ -33,6 +32,13 @@ from torch import Tensor, nn
 from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.guidance.sdedit import sdedit
+from nerfstudio_distill.pipelines.common import (
+    backward_in_chunks,
+    is_finite_or_warn,
+    nerfacto_regularizers,
+    render_in_chunks,
+    to_prior,
+)
 from nerfstudio_distill.pipelines.trainer import DistillError
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
@@ -95,6 +101,7 @@ class DistillationPanel(nn.Module):
         self.guidance_scale = ViewerNumber("CFG scale", g.guidance_scale, hint="Classifier-free guidance")
         self.psi_scale = ViewerNumber("PDS psi scale", g.psi_scale, hint="Identity-preservation term")
         self.chi_scale = ViewerNumber("PDS chi scale", g.chi_scale, hint="Editing term")
+        self.prompt_in_use = ViewerText("Prompt in use", "-", disabled=True, hint="Target of the last step")
         self.t = ViewerText("Current t", "-", disabled=True)
         self.loss = ViewerText("Guidance |grad|", "-", disabled=True)
 
@@ -181,12 +188,10 @@ class EditPipeline(VanillaPipeline):
         metrics = {"guidance_grad_norm": out.grad_norm.detach(), "guidance_t": out.t.float().mean()}
         if out.psi is not None:
             metrics.update(psi=out.psi.float().mean(), chi=out.chi.float().mean())
+        panel.prompt_in_use.value = panel.target_prompt.value
         panel.t.value = str(out.t.tolist())
         panel.loss.value = f"{float(out.grad_norm):.4g}"
-        if not torch.isfinite(out.grad).all():
-            warnings.warn(
-                f"step {step}: the guidance gradient has NaN/Inf; step skipped", RuntimeWarning, stacklevel=2
-            )
+        if not is_finite_or_warn(out.grad, step):
             return outputs, {"guidance": image.sum() * 0.0}, metrics
 
         loss = out.loss.to(image.device) * self.config.guidance_weight
@@ -212,55 +217,21 @@ class EditPipeline(VanillaPipeline):
 
     def _render(self, rays: RayBundle, with_grad: bool) -> dict[str, Any]:
         """Render an ``H x W`` bundle in chunks; outputs reshaped to ``H x W x C``."""
-        height, width = rays.shape
-        flat = rays.flatten()
-        chunks = []
-        with torch.set_grad_enabled(with_grad):
-            for start in range(0, len(flat), self.config.chunk_size):
-                chunks.append(self.model(flat[start : start + self.config.chunk_size]))
-        outputs: dict[str, Any] = {}
-        for key, value in chunks[0].items():
-            if torch.is_tensor(value):
-                outputs[key] = torch.cat([c[key] for c in chunks]).reshape(height, width, -1)
-        if len(chunks) == 1 and "weights_list" in chunks[0]:  # nerfacto returns them in training mode
-            outputs.update(
-                weights_list=chunks[0]["weights_list"], ray_samples_list=chunks[0]["ray_samples_list"]
-            )
-        return outputs
+        return render_in_chunks(self.model, rays, self.config.chunk_size, with_grad)
 
     def _regularizers(self, outputs: dict[str, Any]) -> dict[str, Tensor]:
         """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode)."""
-        if "weights_list" not in outputs:
-            return {}
-        weights, samples = outputs["weights_list"], outputs["ray_samples_list"]
-        cfg = self.model.config
-        return {
-            "interlevel_loss": cfg.interlevel_loss_mult * interlevel_loss(weights, samples),
-            "distortion_loss": cfg.distortion_loss_mult * distortion_loss(weights, samples),
-        }
+        return nerfacto_regularizers(self.model, outputs)
 
     def _backward_in_chunks(self, rays: RayBundle, grad_image: Float[Tensor, "H W 3"]) -> None:
         """Second pass: re-render each chunk with autograd and push its slice of the image gradient."""
-        flat, grad = rays.flatten(), grad_image.reshape(-1, 3)
-        n, size = len(flat), self.config.chunk_size
-        for start in range(0, n, size):
-            out = self.model(flat[start : start + size])
-            share = out["rgb"].shape[0] / n
-            loss = (out["rgb"] * grad[start : start + size]).sum()
-            loss = loss + share * sum(self._regularizers(out).values())
-            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        backward_in_chunks(
+            self.model, rays, grad_image, self.config.chunk_size, self._regularizers, self.grad_scaler
+        )
 
     def _to_prior(self, image: Float[Tensor, "H W 3"]) -> Float[Tensor, "1 3 h w"]:
         """Render (or source image) to the prior's input: channels first, resized to prior_resolution."""
-        x = image[..., :3].clamp(0, 1).permute(2, 0, 1)[None]
-        size = self.config.prior_resolution
-        if size is not None and min(x.shape[-2:]) != size:
-            h, w = x.shape[-2:]
-            factor = size / min(h, w)
-            x = F.interpolate(
-                x, size=(round(h * factor), round(w * factor)), mode="bilinear", align_corners=False
-            )
-        return x
+        return to_prior(image, self.config.prior_resolution)
 
     def _source(self, index: int, crop: tuple[int, int, int, int] | None, scale: float) -> Tensor:
         """Latents of view ``index``'s original image, cut like the render; cached for whole views."""

@@ -1,0 +1,105 @@
+"""Pieces every distillation pipeline shares: chunked differentiable rendering, the prior's input, the
+NaN/Inf guard and nerfacto's sampling regularisers.
+
+A guidance step renders whole images with autograd. When an image has more rays than ``chunk_size`` it
+is done in two passes: render without autograd, get the gradient on the image from the guidance, then
+re-render chunk by chunk with autograd and push each chunk's slice of that gradient
+(:func:`backward_in_chunks`), so memory stays bounded by the chunk size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
+from nerfstudio.models.base_model import Model
+from torch import Tensor
+
+Regularizers = Callable[[dict[str, Any]], dict[str, Tensor]]
+"""Model outputs of some rays -> named, already weighted regulariser losses of those rays."""
+
+
+def render_in_chunks(model: Model, rays: RayBundle, chunk_size: int, with_grad: bool) -> dict[str, Any]:
+    """Render a ``*shape`` bundle in chunks; tensor outputs reshaped to ``*shape x C``.
+
+    With a single chunk in training mode, nerfacto's ``weights_list``/``ray_samples_list`` are passed
+    through (flat), for :func:`nerfacto_regularizers`.
+    """
+    shape = rays.shape
+    flat = rays.flatten()
+    chunks = []
+    with torch.set_grad_enabled(with_grad):
+        for start in range(0, len(flat), chunk_size):
+            chunks.append(model(flat[start : start + chunk_size]))
+    outputs: dict[str, Any] = {}
+    first = min(len(flat), chunk_size)
+    for key, value in chunks[0].items():
+        if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == first:
+            outputs[key] = torch.cat([c[key] for c in chunks]).reshape(*shape, -1)
+    if len(chunks) == 1 and "weights_list" in chunks[0]:  # nerfacto returns them in training mode
+        outputs.update(weights_list=chunks[0]["weights_list"], ray_samples_list=chunks[0]["ray_samples_list"])
+    return outputs
+
+
+def backward_in_chunks(
+    model: Model,
+    rays: RayBundle,
+    grad_image: Float[Tensor, "*shape 3"],
+    chunk_size: int,
+    regularizers: Regularizers | None = None,
+    grad_scaler: Any = None,
+    output: str = "rgb",
+) -> None:
+    """Second pass: re-render each chunk with autograd and backpropagate its slice of ``grad_image``
+    (the gradient on ``output``), plus the chunk's share of the regularisers."""
+    flat, grad = rays.flatten(), grad_image.reshape(-1, grad_image.shape[-1])
+    n = len(flat)
+    for start in range(0, n, chunk_size):
+        out = model(flat[start : start + chunk_size])
+        share = out[output].shape[0] / n
+        loss = (out[output] * grad[start : start + chunk_size]).sum()
+        if regularizers is not None:
+            loss = loss + share * sum(regularizers(out).values())
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+
+
+def nerfacto_regularizers(model: Model, outputs: dict[str, Any]) -> dict[str, Tensor]:
+    """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode)."""
+    if "weights_list" not in outputs:
+        return {}
+    weights, samples = outputs["weights_list"], outputs["ray_samples_list"]
+    cfg = model.config
+    return {
+        "interlevel_loss": cfg.interlevel_loss_mult * interlevel_loss(weights, samples),
+        "distortion_loss": cfg.distortion_loss_mult * distortion_loss(weights, samples),
+    }
+
+
+def to_prior(image: Float[Tensor, "*batch H W C"], size: int | None) -> Float[Tensor, "B 3 h w"]:
+    """Renders (``H x W x C`` or ``B x H x W x C``) to the prior's input: RGB in [0, 1], channels first,
+    short side resized bilinearly to ``size`` (None: as they are)."""
+    x = image[..., :3].clamp(0, 1)
+    x = (x[None] if x.ndim == 3 else x).permute(0, 3, 1, 2)
+    if size is not None and min(x.shape[-2:]) != size:
+        h, w = x.shape[-2:]
+        factor = size / min(h, w)
+        x = F.interpolate(
+            x, size=(round(h * factor), round(w * factor)), mode="bilinear", align_corners=False
+        )
+    return x
+
+
+def is_finite_or_warn(grad: Tensor, step: int) -> bool:
+    """False (with a RuntimeWarning naming the step) when the guidance gradient has NaN/Inf."""
+    if torch.isfinite(grad).all():
+        return True
+    warnings.warn(
+        f"step {step}: the guidance gradient has NaN/Inf; step skipped", RuntimeWarning, stacklevel=3
+    )
+    return False

@@ -1,0 +1,120 @@
+"""nerfstudio's web viewer in a real (headless) Chromium: the Distillation panel of a live pds-edit.
+
+Starts a tiny `ns-train pds-edit` with the viewer on a free localhost port, checks that the panel
+and its controls appear, types a new target prompt into the page, and waits until training reports
+that prompt back in the panel ("Prompt in use" is set by each training step). Saves the screenshot
+the README shows (docs/viewer_panel.png).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, edit_flags, ns_train, offline_env
+
+SCREENSHOT = Path(__file__).parents[1] / "docs" / "viewer_panel.png"
+CHROMIUM_FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+    "--disable-component-update --disable-sync --window-size=1280,1400"
+).split()
+INPUT_OF = """
+const label = Array.from(document.querySelectorAll('label')).find(l => l.innerText.trim() == arguments[0]);
+return label ? label.closest('.mantine-Flex-root').querySelector('input') : null;
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"ns-train exited while waiting for {what}"
+        value = condition()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.keys import Keys
+
+    port = free_port()
+    flags = edit_flags(prior_folder, "--load-dir", str(base_run))
+    command = ns_train("pds-edit", tmp_path / "out", tiny_scene, *flags, steps=100000)
+    command = [c if c != "tensorboard" else "viewer" for c in command]  # CPU_NERFACTO's --vis
+    command += ["--viewer.websocket-port", str(port), "--viewer.websocket-host", "127.0.0.1"]
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / command[0]), *command[1:]], env=offline_env(tmp_path), stdout=log, stderr=log
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"]:
+        options.add_argument(flag)
+    driver = None
+    try:
+        wait_for(lambda: port_open(port), 300, "the viewer's port", proc)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        driver.get(f"http://127.0.0.1:{port}")
+
+        def value(label: str) -> str | None:
+            element = driver.execute_script(INPUT_OF, label)
+            return element.get_attribute("value") if element is not None else None
+
+        body = wait_for(lambda: "Distillation" in driver.execute_script("return document.body.innerText"), 120,
+                        "the Distillation panel", proc)  # fmt: skip
+        assert body
+        for control in (
+            "Target prompt",
+            "CFG scale",
+            "PDS psi scale",
+            "PDS chi scale",
+            "Current t",
+            "Prompt in use",
+        ):
+            assert value(control) is not None, control
+        wait_for(
+            lambda: value("Prompt in use") == "a blue striped ball", 300, "the first training step", proc
+        )
+
+        new_prompt = "a red striped ball"  # the other prompt of the exact prior's set
+        box = driver.execute_script(INPUT_OF, "Target prompt")
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(new_prompt, Keys.ENTER)
+        wait_for(lambda: value("Prompt in use") == new_prompt, 300, "training to use the new prompt", proc)
+        assert value("Current t") not in (None, "-")
+
+        panel = driver.execute_script(
+            "return Array.from(document.querySelectorAll('*')).find(e => e.innerText == 'Distillation')",
+        )
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", panel)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(SCREENSHOT))
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
