@@ -11,7 +11,9 @@ import tomllib
 from nerfstudio.plugins.types import MethodSpecification
 
 GROUP = "nerfstudio.method_configs"
-DECLARED = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["entry-points"][GROUP]
+DECLARED = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+    "entry-points"
+][GROUP]
 
 
 def builtin_method_names() -> set[str]:
@@ -24,7 +26,9 @@ def builtin_method_names() -> set[str]:
 
 
 def test_installed_entry_points_match_pyproject():
-    installed = {ep.name: ep.value for ep in entry_points(group=GROUP) if ep.value.startswith("method_configs.")}
+    installed = {
+        ep.name: ep.value for ep in entry_points(group=GROUP) if ep.value.startswith("method_configs.")
+    }
     assert installed == DECLARED, "re-run `pip install -e .` after editing the entry points"
 
 

@@ -8,6 +8,7 @@ format :class:`~nerfstudio_distill.priors.config.ExactPriorConfig` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ def write_exact_prior_set(
     prompts: Mapping[str, Sequence[Mapping[str, Any]]],
     sigma: float = 0.0,
     overwrite: bool = False,
+    scale: float = 1.0,
 ) -> Path:
     """Render each prompt's attribute variants from the scene's cameras; returns ``output_dir``.
 
@@ -37,8 +39,16 @@ def write_exact_prior_set(
             scene's object as it is.
         sigma: std of the exact prior's Gaussians, stored in the index.
         overwrite: replace an existing non-empty ``output_dir``.
+        scale: resolution factor of the renders; match the edit's ``--pipeline.render-scale``.
     """
     spec, cameras = load_scene(scene_dir)
+    if scale != 1.0:
+        cameras = dataclasses.replace(
+            cameras,
+            **{k: getattr(cameras, k) * scale for k in ("fx", "fy", "cx", "cy")},
+            width=int(cameras.width * scale),  # truncation, as nerfstudio rescales cameras
+            height=int(cameras.height * scale),
+        )
     variants = {p: [with_attributes(spec, **changes) for changes in v] for p, v in prompts.items()}
     if any(not p.strip() for p in variants) or any(not v for v in variants.values()):
         raise SceneError(

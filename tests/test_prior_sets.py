@@ -1,0 +1,49 @@
+"""Exact-prior image sets rendered from a synthetic scene."""
+
+from __future__ import annotations
+
+import pytest
+
+from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+from nerfstudio_distill.data.scene import SceneError, load_scene, render, with_attributes
+from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
+
+
+def test_set_holds_each_variant_from_every_camera(tiny_scene, tmp_path):
+    prompts = {
+        "a red striped ball": [{}],
+        "a blue ball": [{"colour": "blue"}, {"colour": "blue", "pattern": "none"}],
+    }
+    folder = write_exact_prior_set(tiny_scene, tmp_path / "set", prompts, sigma=0.1)
+    prior = PriorConfig(kind="exact", exact=ExactPriorConfig(folder=folder)).setup()
+    spec, cameras = load_scene(tiny_scene)
+    assert prior.points.shape == (3 * len(cameras), 3, cameras.height, cameras.width)
+    assert prior.sigma == pytest.approx(0.1)
+    blue = render(with_attributes(spec, colour="blue"), cameras[:1])["rgb"][0]
+    mask = prior._embed("a blue ball")
+    first_blue = prior.points[mask][0].permute(1, 2, 0).float().numpy()
+    assert abs(first_blue - blue).max() < 1 / 255 + 1e-6
+
+
+def test_scale_matches_a_downscaled_render(tiny_scene, tmp_path):
+    folder = write_exact_prior_set(tiny_scene, tmp_path / "set", {"a red striped ball": [{}]}, scale=0.5)
+    prior = PriorConfig(kind="exact", exact=ExactPriorConfig(folder=folder)).setup()
+    _, cameras = load_scene(tiny_scene)
+    assert prior.points.shape[-2:] == (cameras.height // 2, cameras.width // 2)
+
+
+@pytest.mark.parametrize("prompts", [{" ": [{}]}, {"a ball": []}, {"a ball": [{"colour": "mauve"}]}])
+def test_bad_prompts_are_one_line(tiny_scene, tmp_path, prompts):
+    with pytest.raises(SceneError) as err:
+        write_exact_prior_set(tiny_scene, tmp_path / "set", prompts)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "set").exists()
+
+
+def test_existing_folder_is_not_overwritten(tiny_scene, tmp_path):
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SceneError, match="overwrite=True"):
+        write_exact_prior_set(tiny_scene, out, {"a red striped ball": [{}]})
+    assert (out / "keep.txt").read_text() == "mine"
