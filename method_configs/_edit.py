@@ -7,11 +7,11 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.models.nerfacto import NerfactoModelConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from nerfstudio_distill.data.edit_datamanager import EditDataManagerConfig
 from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.pipelines.edit import EditPipelineConfig
 from nerfstudio_distill.pipelines.trainer import DistillTrainerConfig
 
@@ -38,7 +38,7 @@ def edit_method(name: str, guidance: GuidanceConfig, description: str) -> Method
                 train_num_rays_per_batch=4096,
                 eval_num_rays_per_batch=4096,
             ),
-            model=NerfactoModelConfig(
+            model=EditNerfactoModelConfig(
                 eval_num_rays_per_chunk=1 << 15,
                 average_init_density=0.01,
                 camera_optimizer=CameraOptimizerConfig(mode="SO3xR3"),

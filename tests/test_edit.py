@@ -33,9 +33,9 @@ def prior_set(tiny_scene, tmp_path_factory) -> Path:
 
 
 def tiny_model():
-    from nerfstudio.models.nerfacto import NerfactoModelConfig
+    from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 
-    return NerfactoModelConfig(
+    return EditNerfactoModelConfig(
         implementation="torch",
         hidden_dim=16,
         hidden_dim_color=16,
@@ -90,6 +90,20 @@ def test_prior_is_not_in_the_checkpoint(pipeline):
     keys = pipeline.state_dict().keys()
     assert not any("points" in k or "prior" in k for k in keys)
     assert "edit_start_step" in keys
+
+
+def test_viewer_outputs_show_the_source_next_to_the_edit(pipeline):
+    camera = pipeline.datamanager.train_dataset.cameras[0:1]
+    pipeline.model.eval()  # deterministic samples, as in the viewer
+    before = pipeline.model.get_outputs_for_camera(camera)
+    with torch.no_grad():  # stands in for edit steps
+        for p in pipeline.model.field.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = pipeline.model.get_outputs_for_camera(camera)
+    torch.testing.assert_close(after["source_rgb"], before["rgb"])
+    assert not torch.allclose(after["rgb"], before["rgb"])
+    assert {"rgb", "depth", "source_rgb"} <= after.keys()
+    assert not any(k.startswith("_model._source") for k in pipeline.state_dict())
 
 
 def test_two_pass_render_gives_the_single_pass_gradient(tiny_scene, prior_set):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.guidance.sdedit import sdedit
+from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.pipelines.common import (
     backward_in_chunks,
     is_finite_or_warn,
@@ -51,8 +52,9 @@ class EditPipelineConfig(VanillaPipelineConfig):
     _target: type = field(default_factory=lambda: EditPipeline)
     datamanager: EditDataManagerConfig = field(default_factory=EditDataManagerConfig)
     """Serves whole training views, their original images and cameras."""
-    model: NerfactoModelConfig = field(default_factory=NerfactoModelConfig)
-    """The scene model; must match the settings of the base nerfacto run."""
+    model: NerfactoModelConfig = field(default_factory=EditNerfactoModelConfig)
+    """The scene model; must match the settings of the base nerfacto run. EditNerfactoModelConfig adds
+    a "source_rgb" output (the scene before the edit) for the viewer's split screen."""
     target_prompt: str = ""
     """What the edited scene should show, e.g. "a photo of a man in a suit". Required."""
     source_prompt: str = ""
@@ -134,6 +136,8 @@ class EditPipeline(VanillaPipeline):
         """Called by the trainer once the checkpoint is loaded (a resumed run keeps its start)."""
         if int(self.edit_start_step) < 0:
             self.edit_start_step.fill_(start_step)
+            if hasattr(self.model, "keep_source"):  # the weights are still the base's: the viewer's source_rgb
+                self.model.keep_source()
         self._num_steps = max(num_steps, 1)
 
     def _stage_step(self, step: int) -> int:
