@@ -1,0 +1,196 @@
+"""The offline demo (`make demo`): edit a synthetic red striped ball into a blue one with pds-edit.
+
+Every stage is nerfstudio's real command line, run as a subprocess:
+1. ``ns-distill-scene`` writes a 24-view dataset of a red striped ball;
+2. ``ns-train nerfacto`` trains the base scene on CPU;
+3. the exact prior's image sets are rendered (source and target prompts);
+4. ``ns-train pds-edit --load-dir <base>`` edits it;
+5. ``ns-export tsdf`` writes a mesh of the edit;
+6. before/after images and a turntable GIF are rendered from both runs.
+
+No model hub is contacted. ``--prompt "a green striped ball"`` reruns it with another target from
+the scene's vocabulary (colours and patterns of ``ns-distill-scene``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from nerfstudio_distill.data.scene import COLOURS, CameraSpec, SceneSpec, generate_scene
+
+PATTERN_WORDS = {"striped": "stripes", "checkered": "checker", "plain": "none"}
+SHAPE_WORDS = {"ball": "sphere", "sphere": "sphere", "box": "box", "cube": "box"}
+MARKER = "demo.json"
+BIN = Path(sys.executable).parent
+
+# A small nerfacto for 2 CPU cores; the edit must use the same field settings as the base.
+FIELD = [
+    "--pipeline.model.implementation", "torch",
+    "--pipeline.model.hidden-dim", "32",
+    "--pipeline.model.hidden-dim-color", "32",
+    "--pipeline.model.num-levels", "8",
+    "--pipeline.model.log2-hashmap-size", "14",
+    "--pipeline.model.num-nerf-samples-per-ray", "32",
+    "--pipeline.model.num-proposal-samples-per-ray", "64", "32",
+    "--pipeline.model.background-color", "white",
+    "--pipeline.model.camera-optimizer.mode", "off",
+]  # fmt: skip
+
+
+class DemoError(ValueError):
+    """Bad demo input; one line that names the fix."""
+
+
+@dataclass
+class DemoArgs:
+    """Run the whole offline demo: scene, base nerfacto, pds-edit, mesh, pictures."""
+
+    prompt: str = "a blue striped ball"
+    """Target of the edit, in the scene's vocabulary: "a <colour> [striped|checkered|plain] ball".
+    Colours: red, green, blue, yellow, orange, purple, pink, cyan, brown, white, gray, black."""
+    output_dir: Path = Path("demo_outputs")
+    """Where everything goes. A folder made by an earlier demo is replaced; any other non-empty
+    folder is refused."""
+    base_steps: int = 300
+    """Training steps of the base nerfacto."""
+    edit_steps: int = 100
+    """Steps of pds-edit."""
+    render_scale: float = 0.5
+    """Resolution factor of the views rendered for guidance (the exact prior's images match it)."""
+    psi_scale: float = 1.0
+    """PDS factor on ψ(t) (identity term) relative to χ(t)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the edit."""
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """Attribute changes that a target prompt asks for; one-line error if it is outside the vocabulary."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    colours = [w for w in words if w in COLOURS]
+    if len(colours) != 1:
+        raise DemoError(
+            f"--prompt {prompt!r} must name one colour of the scene: use e.g. 'a green striped ball' "
+            f"(colours: {', '.join(COLOURS)})"
+        )
+    changes = {"colour": colours[0]}
+    patterns = [PATTERN_WORDS[w] for w in words if w in PATTERN_WORDS]
+    if patterns:
+        changes["pattern"] = patterns[-1]
+    return changes
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run one of nerfstudio's console scripts; its output goes to ``log``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    print(f"$ {' '.join(command)}", flush=True)
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [str(BIN / command[0]), *command[1:]], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-5:]
+        raise SystemExit(
+            f"error: {command[0]} failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail)
+        )
+
+
+def prepare_output(folder: Path) -> None:
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).exists():
+            raise DemoError(
+                f"{folder} exists and was not made by the demo: pass --output-dir to a new folder"
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def main(args: DemoArgs) -> dict[str, Path]:
+    start = time.time()
+    changes = parse_prompt(args.prompt)
+    out = args.output_dir.resolve()
+    prepare_output(out)
+    (out / MARKER).write_text(json.dumps({k: str(v) for k, v in dataclasses.asdict(args).items()}, indent=2))
+    logs = out / "logs"
+    logs.mkdir()
+
+    # Unshaded colours: with Lambert shading the pixel-space nearest neighbour of a red view is a darker
+    # blue view from another camera, not the same view in blue (see benchmarks/edit_quality.py).
+    source = SceneSpec(colour="red", pattern="stripes", stripes=3, secondary="yellow", shading="albedo")
+    source_prompt = "a red striped ball"
+    scene = generate_scene(out / "scene", source, CameraSpec(num_views=24, width=64, height=64, elevation=15))
+    print(f"1/6 scene: {scene}", flush=True)
+
+    common = ["--machine.device-type", "cpu", "--vis", "tensorboard", "--output-dir", str(out / "runs")]
+    common += ["--experiment-name", "ball", "--data", str(scene), *FIELD]
+    run(["ns-train", "nerfacto", *common, "--max-num-iterations", str(args.base_steps), "--timestamp", "base"]
+        + ["--pipeline.datamanager.train-num-rays-per-batch", "1024"], logs / "base.log")  # fmt: skip
+    base = out / "runs" / "ball" / "nerfacto" / "base"
+    print(f"2/6 base nerfacto: {base}", flush=True)
+
+    from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+
+    target = {**changes}
+    others = [c for c in ("stripes", "checker", "none") if c != target.get("pattern", "stripes")]
+    variants = [target] + [
+        {**target, "pattern": p} for p in others
+    ]  # several objects carry the target attribute
+    prompts = {source_prompt: [{}], args.prompt: variants}
+    prior = write_exact_prior_set(scene, out / "prior", prompts, scale=args.render_scale)
+    print(f"3/6 exact prior: {prior}", flush=True)
+
+    run(["ns-train", "pds-edit", *common, "--max-num-iterations", str(args.edit_steps), "--timestamp", "edit"]
+        + ["--load-dir", str(base / "nerfstudio_models"), "--steps-per-save", str(args.edit_steps)]
+        + ["--pipeline.target-prompt", args.prompt, "--pipeline.source-prompt", source_prompt]
+        + ["--pipeline.prior.kind", "exact", "--pipeline.prior.exact.folder", str(prior)]
+        + ["--pipeline.prior-resolution", "None", "--pipeline.render-scale", str(args.render_scale)]
+        + ["--pipeline.guidance.psi-scale", str(args.psi_scale)]
+        + ["--pipeline.guidance.guidance-scale", str(args.guidance_scale)], logs / "edit.log")  # fmt: skip
+    edit = out / "runs" / "ball" / "pds-edit" / "edit"
+    print(f"4/6 pds-edit: {edit}", flush=True)
+
+    run(["ns-export", "tsdf", "--load-config", str(edit / "config.yml"), "--output-dir", str(out / "mesh")]
+        + ["--resolution", "64", "--batch-size", "4", "--texture-method", "tsdf"], logs / "export.log")  # fmt: skip
+    print(f"5/6 mesh: {out / 'mesh' / 'tsdf_mesh.ply'}", flush=True)
+
+    from nerfstudio_distill.scripts.pictures import before_after
+
+    pictures = before_after(base / "config.yml", edit / "config.yml", out / "pictures")
+    print(f"6/6 pictures: {pictures['strip']} and {pictures['gif']}", flush=True)
+
+    outputs = {
+        "scene": scene,
+        "base run": base,
+        "edited run": edit,
+        "mesh": out / "mesh" / "tsdf_mesh.ply",
+        "before/after": pictures["strip"],
+        "turntable": pictures["gif"],
+        "logs": logs,
+    }
+    print(f"\nDone in {time.time() - start:.0f} s. Outputs:")
+    for name, path in outputs.items():
+        print(f"  {name:<13} {path}")
+    print(f"\nLook at the edit in nerfstudio's viewer:\n  ns-viewer --load-config {edit / 'config.yml'}")
+    return outputs
+
+
+def entrypoint() -> None:
+    args = tyro.cli(DemoArgs)
+    try:
+        main(args)
+    except DemoError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    entrypoint()
