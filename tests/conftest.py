@@ -97,7 +97,9 @@ def base_run(tiny_scene, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("base")
     proc = run_cli(ns_train("nerfacto", tmp / "out", tiny_scene), offline_env(tmp), tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "out" / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models"
+    run = tmp / "out" / tiny_scene.name / "nerfacto" / "run"
+    (run / "ns-train.stderr").write_text(proc.stderr)  # for tests of what training printed
+    return run / "nerfstudio_models"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nerfstudio_distill.compat import checkpoints, lpips
-from tests.conftest import CPU_NERFACTO, offline_env, run_cli
+from tests.conftest import offline_env, run_cli
 
 
 def _nerfstudio_like_checkpoint() -> bytes:
@@ -156,29 +156,11 @@ def test_broken_diffusers_does_not_break_ns_train_nerfacto(broken_diffusers, tmp
 
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
-def test_offline_nerfacto_train_then_export_pointcloud(tiny_scene, tmp_path):
-    """Plain `ns-train nerfacto` for 2 steps offline, then `ns-export pointcloud` on its checkpoint."""
-    env = offline_env(tmp_path)
-    train = run_cli(
-        [
-            "ns-train",
-            "nerfacto",
-            *CPU_NERFACTO,
-            "--max-num-iterations",
-            "2",
-            "--output-dir",
-            str(tmp_path / "out"),
-        ]
-        + ["--timestamp", "run", "--pipeline.datamanager.train-num-rays-per-batch", "256"]
-        + ["nerfstudio-data", "--data", str(tiny_scene)],
-        env,
-        tmp_path,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert "LPIPS is unavailable" in train.stderr
-    run_dir = tmp_path / "out" / tiny_scene.name / "nerfacto" / "run"
-    (ckpt,) = (run_dir / "nerfstudio_models").glob("step-*.ckpt")
-
+def test_offline_nerfacto_train_then_export_pointcloud(base_run, tmp_path):
+    """Plain `ns-train nerfacto` for 2 steps offline (the shared base_run), then `ns-export pointcloud`."""
+    run_dir = base_run.parent
+    assert "LPIPS is unavailable" in (run_dir / "ns-train.stderr").read_text()
+    (ckpt,) = base_run.glob("step-*.ckpt")
     allowed = {
         getattr(g, "__module__", "") + "." + g.__name__
         for g in checkpoints.allowed_globals()
@@ -189,7 +171,7 @@ def test_offline_nerfacto_train_then_export_pointcloud(tiny_scene, tmp_path):
     export = run_cli(
         ["ns-export", "pointcloud", "--load-config", str(run_dir / "config.yml")]
         + ["--output-dir", str(tmp_path / "export"), "--num-points", "256", "--normal-method", "open3d"],
-        env,
+        offline_env(tmp_path),
         tmp_path,
     )
     assert export.returncode == 0, export.stderr[-3000:]
