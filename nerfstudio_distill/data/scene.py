@@ -330,7 +330,8 @@ def render(spec: SceneSpec, cameras: SceneCameras) -> dict[str, np.ndarray]:
     return {key: np.stack([view[key] for view in views]) for key in views[0]}
 
 
-def _to_uint8(rgb: Float[np.ndarray, "h w 3"]) -> UInt8[np.ndarray, "h w 3"]:
+def to_uint8(rgb: Float[np.ndarray, "h w 3"]) -> UInt8[np.ndarray, "h w 3"]:
+    """Float RGB in [0, 1] as the uint8 image ns-distill-scene writes."""
     return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
 
 
@@ -369,7 +370,7 @@ def generate_scene(
     for i in range(len(cameras)):
         view = _render_view(spec, cameras, i)
         name = f"frame_{i:05d}.png"
-        Image.fromarray(_to_uint8(view["rgb"])).save(output_dir / "images" / name)
+        Image.fromarray(to_uint8(view["rgb"])).save(output_dir / "images" / name)
         depth_mm = np.round(view["depth"].astype(np.float64) * 1000).astype(np.uint16)
         Image.fromarray(depth_mm).save(output_dir / "depth" / name)
         frames.append(

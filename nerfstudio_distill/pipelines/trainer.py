@@ -46,7 +46,7 @@ def _checkpoint_steps(load_dir: Path) -> list[int]:
 
 def _data_path(config: TrainerConfig) -> Path | None:
     data = config.data or getattr(config.pipeline.datamanager, "data", None)
-    data = data or getattr(config.pipeline.datamanager.dataparser, "data", None)
+    data = data or getattr(getattr(config.pipeline.datamanager, "dataparser", None), "data", None)
     return Path(data).resolve() if data is not None else None
 
 
@@ -72,6 +72,11 @@ def check_load_dir(config: DistillTrainerConfig) -> str | None:
     if not run_config.is_file():
         return None  # a bare checkpoint folder: the state-dict check still guards the model
     base = yaml.load(run_config.read_text(), Loader=yaml.Loader)
+    if not config.require_load_dir and base.method_name != name:
+        raise DistillError(
+            f"--load-dir {load_dir} is a {base.method_name} run: {name} only resumes its own runs "
+            "(drop --load-dir to start a new one)"
+        )
     if base.method_name not in (*BASE_METHODS, name) and not str(base.method_name).endswith("-edit"):
         raise DistillError(
             f"--load-dir {load_dir} is a {base.method_name} run: {name} starts from a nerfacto run "

@@ -1,0 +1,380 @@
+"""Text-to-3D scored end to end on CPU: sds-nerfacto vs sdi-nerfacto with the exact prior of one object.
+
+The "diffusion model" is the exact prior (:class:`~nerfstudio_distill.priors.exact.ExactPrior`) of
+``ns-distill-scene`` renders of one object: ``num_prior_views`` cameras on the hemisphere layout
+(Fibonacci directions, elevation asin(0.1) .. asin(0.95) = 5.7 .. 71.8 degrees), at the radius, field of
+view and resolution that the random-camera DataManager is set to, so every render has the size of the
+prior's images and its cameras come from the same distribution. Each image is labelled with the
+view-dependent prompt of its camera ("<prompt>, front view", side, back, overhead), exactly as the
+pipeline labels its renders.
+
+Both methods train from the same initialisation with the same budget (steps, views per step, seed,
+CFG, t schedule). Scores, on ``num_test_views`` held-out cameras (the hemisphere layout with another
+seed) against the generator's ground truth:
+- ``psnr``: of the render (the model's own white background) vs the exact render;
+- ``mask_iou``: IoU of accumulation > 0.5 vs the object mask;
+- ``depth_error``: mean |z-depth - true z-depth| on the object pixels (scene units; object radius 1);
+- ``seconds``: wall time of training.
+
+Run ``python benchmarks/text_to_3d_quality.py`` (table) or ``--json`` (last line is one JSON object).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nerfstudio_distill.data.scene import (
+    CameraSpec,
+    SceneCameras,
+    SceneSpec,
+    generate_scene,
+    load_scene,
+    make_cameras,
+    render,
+    to_uint8,
+    with_attributes,
+)
+from nerfstudio_distill.pipelines.text_to_3d import view_name, view_prompt
+from nerfstudio_distill.priors.config import EXACT_PRIOR_FILE
+
+HEMISPHERE_ELEVATION = (math.degrees(math.asin(0.1)), math.degrees(math.asin(0.95)))
+"""Elevation band of ns-distill-scene's hemisphere layout (z in [0.1, 0.95] of the unit sphere)."""
+METHODS = ("sds", "sdi")
+
+
+@dataclass
+class Settings:
+    """Everything that defines one benchmark run (shared by both methods)."""
+
+    prompt: str = "a red striped ball"
+    """Base prompt of the object (view suffixes are added)."""
+    shape: str = "sphere"
+    """Object shape (ns-distill-scene)."""
+    colour: str = "red"
+    """Object colour."""
+    pattern: str = "stripes"
+    """Object pattern."""
+    resolution: int = 32
+    """Render and prior image size (square)."""
+    radius: float = 4.0
+    """Camera distance (fixed, as the prior's cameras)."""
+    fov: float = 40.0
+    """Vertical field of view in degrees (fixed)."""
+    num_prior_views: int = 400
+    """Images of the exact prior (hemisphere layout, seed 0)."""
+    num_test_views: int = 16
+    """Held-out cameras (hemisphere layout, another seed)."""
+    steps: int = 600
+    """Training steps of each method."""
+    num_views: int = 2
+    """Views per step."""
+    cfg: float = 1.0
+    """Classifier-free guidance scale."""
+    t_max: float = 0.5
+    """Highest t at step 0 (fraction of T)."""
+    t_final: float = 0.05
+    """Highest t at the end (linear annealing)."""
+    t_min: float = 0.02
+    """Lowest t."""
+    lr: float = 1e-2
+    """Adam learning rate of the fields (decays to a tenth)."""
+    blob_taper: float = 0.75
+    """Fraction of the steps over which the initial density blob fades out."""
+    weighting: str = "sds"
+    """w(t) of both methods: sds (1 - alpha_bar), uniform or fantasia."""
+    sigma: float = 0.0
+    """Std of the exact prior's Gaussian around each image (0: it memorises them exactly)."""
+    inversion_steps: int = 5
+    """SDI: DDIM inversion steps."""
+    inversion_cfg: float = 1.0
+    """SDI: CFG scale of the inversion."""
+    seed: int = 0
+    """Seed of the run."""
+
+
+def camera_angles(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elevation and azimuth (degrees) of cameras ``N x 4 x 4`` around the origin."""
+    p = c2w[:, :3, 3]
+    elevation = np.degrees(np.arcsin(p[:, 2] / np.linalg.norm(p, axis=1)))
+    return elevation, np.degrees(np.arctan2(p[:, 1], p[:, 0]))
+
+
+def write_view_prior_set(
+    folder: Path,
+    spec: SceneSpec,
+    camera_spec: CameraSpec,
+    prompts: Mapping[str, Mapping[str, Any]],
+    sigma: float = 0.0,
+) -> Path:
+    """Write ``folder/scene`` with ``ns-distill-scene`` and the exact-prior image set ``folder/prior``.
+
+    ``prompts`` maps each base prompt to attribute changes of the object (``{}``: the object itself).
+    Every variant is rendered from every camera of the scene and each image is labelled with the
+    view-dependent prompt of its camera, e.g. "a red striped ball, side view".
+    """
+    scene = generate_scene(folder / "scene", spec, camera_spec, overwrite=True)
+    _, cameras = load_scene(scene)
+    elevation, azimuth = camera_angles(cameras.c2w)
+    prior = folder / "prior"
+    shutil.rmtree(prior, ignore_errors=True)
+    index: dict[str, str] = {}
+    for base, changes in prompts.items():
+        images = render(with_attributes(spec, **changes), cameras)["rgb"]
+        for i, (e, a) in enumerate(zip(elevation, azimuth, strict=True)):
+            label = view_prompt(base, view_name(float(e), float(a)))
+            sub = prior / index.setdefault(label, f"set_{len(index):02d}")
+            sub.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8(images[i])).save(sub / f"frame_{i:05d}.png")
+    (prior / EXACT_PRIOR_FILE).write_text(json.dumps({"prompts": index, "sigma": sigma}, indent=2))
+    return prior
+
+
+def pipeline_config(s: Settings, method: str, prior_folder: Path, tiny: bool = True):
+    """The sds-nerfacto / sdi-nerfacto pipeline config, set for the exact prior of ``prior_folder``."""
+    from method_configs.sdi_nerfacto import sdi_nerfacto
+    from method_configs.sds_nerfacto import sds_nerfacto
+
+    trainer = (sds_nerfacto if method == "sds" else sdi_nerfacto).config
+    pipe = trainer.pipeline
+    dm = replace(
+        pipe.datamanager,
+        radius=(s.radius, s.radius),
+        fov=(s.fov, s.fov),
+        elevation=HEMISPHERE_ELEVATION,
+        azimuth=(-180.0, 180.0),
+        azimuth_warmup=0,
+        resolutions=(s.resolution,),
+        resolution_milestones=(),
+        num_views=s.num_views,
+        scene_bound=1.25,
+        num_eval_views=8,
+    )
+    model = replace(
+        pipe.model,
+        implementation="torch",
+        background="white",
+        random_background_prob=0.0,
+        lambertian_prob=0.0,
+        textureless_prob=0.0,
+        predict_normals=False,
+        blob_radius=1.0,
+        blob_taper=(0, int(s.steps * s.blob_taper)),
+        opacity_loss_mult=0.0,
+        **(
+            dict(
+                hidden_dim=32,
+                hidden_dim_color=32,
+                num_levels=8,
+                max_res=128,
+                log2_hashmap_size=14,
+                num_nerf_samples_per_ray=24,
+                num_proposal_iterations=1,  # one small proposal grid: the torch hash grid is the CPU cost
+                num_proposal_samples_per_ray=(24,),
+                proposal_net_args_list=[
+                    {
+                        "hidden_dim": 16,
+                        "log2_hashmap_size": 10,
+                        "num_levels": 2,
+                        "max_res": 32,
+                        "use_linear": False,
+                    }
+                ],
+            )
+            if tiny
+            else {}
+        ),
+    )
+    from nerfstudio_distill.guidance.common import TimestepSchedule
+    from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
+
+    guidance = replace(
+        pipe.guidance,
+        guidance_scale=s.cfg,
+        timesteps=TimestepSchedule(
+            min_fraction=s.t_min, max_fraction=s.t_max, anneal="linear", final_max_fraction=s.t_final
+        ),
+        weighting=s.weighting,
+        num_inversion_steps=s.inversion_steps,
+        inversion_guidance_scale=s.inversion_cfg,
+    )
+    return replace(
+        pipe,
+        datamanager=dm,
+        model=model,
+        prompt=s.prompt,
+        guidance=guidance,
+        prior=PriorConfig(kind="exact", exact=ExactPriorConfig(folder=prior_folder, sigma=s.sigma)),
+        prior_resolution=None,
+        seed=s.seed,
+    ), trainer.optimizers
+
+
+def train(s: Settings, method: str, prior_folder: Path) -> tuple[object, float]:
+    """Train one method in-process (as ns-train does, minus logging); returns the pipeline and seconds."""
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes
+    from nerfstudio.engine.optimizers import Optimizers
+
+    config, optimizer_config = pipeline_config(s, method, prior_folder)
+    torch.manual_seed(s.seed)
+    pipe = config.setup(device="cpu", test_mode="val")
+    pipe.start_edit(0, s.steps)
+    groups = {name: params for name, params in pipe.get_param_groups().items() if params}
+    optimizer_config = {
+        name: {
+            "optimizer": replace(group["optimizer"], lr=s.lr),
+            "scheduler": replace(group["scheduler"], lr_final=s.lr / 10, max_steps=max(s.steps, 1)),
+        }
+        for name, group in optimizer_config.items()
+        if name in groups
+    }
+    optimizers = Optimizers(optimizer_config, groups)
+    callbacks = pipe.get_training_callbacks(TrainingCallbackAttributes(optimizers, None, pipe, None))
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    pipe.train()
+    start = time.perf_counter()
+    for step in range(s.steps):
+        for cb in callbacks:
+            cb.run_callback_at_location(step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        optimizers.zero_grad_all()
+        _, losses, _ = pipe.get_train_loss_dict(step)
+        sum(losses.values()).backward()
+        optimizers.optimizer_step_all()
+        optimizers.scheduler_step_all(step)
+        for cb in callbacks:
+            cb.run_callback_at_location(step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+    return pipe, time.perf_counter() - start
+
+
+@torch.no_grad()
+def score(pipe, spec: SceneSpec, cameras: SceneCameras) -> dict[str, float]:
+    """PSNR, mask IoU and object depth error of the pipeline's renders at ``cameras``."""
+    truth = render(spec, cameras)
+    pipe.eval()
+    psnr, iou, depth_err = [], [], []
+    ns_cameras = cameras.to_nerfstudio()
+    for i in range(len(cameras)):
+        out = pipe.model.get_outputs_for_camera(ns_cameras[i : i + 1])
+        rays = ns_cameras[i : i + 1].generate_rays(camera_indices=0, keep_shape=True)
+        rgb = out["rgb"].clamp(0, 1).numpy()
+        mse = float(np.mean((rgb - truth["rgb"][i]) ** 2))
+        psnr.append(10 * math.log10(1.0 / max(mse, 1e-10)))
+        mask, true_mask = out["accumulation"][..., 0].numpy() > 0.5, truth["mask"][i]
+        iou.append(float((mask & true_mask).sum() / max((mask | true_mask).sum(), 1)))
+        z = (out["depth"] / rays.metadata["directions_norm"])[..., 0].numpy()  # ray distance -> z-depth
+        depth_err.append(float(np.abs(z - truth["depth"][i])[true_mask].mean()))
+    pipe.train()
+    return {
+        "psnr": float(np.mean(psnr)),
+        "mask_iou": float(np.mean(iou)),
+        "depth_error": float(np.mean(depth_err)),
+    }
+
+
+@torch.no_grad()
+def turntable(pipe, cameras: SceneCameras) -> list[np.ndarray]:
+    """uint8 RGB renders of the pipeline's model from ``cameras`` (a ring: a turntable)."""
+    pipe.eval()
+    ns_cameras = cameras.to_nerfstudio()
+    frames = [
+        (pipe.model.get_outputs_for_camera(ns_cameras[i : i + 1])["rgb"].clamp(0, 1).numpy() * 255 + 0.5)
+        for i in range(len(cameras))
+    ]
+    pipe.train()
+    return [f.astype(np.uint8) for f in frames]
+
+
+def write_pictures(columns: dict[str, list[np.ndarray]], folder: Path, zoom: int = 3) -> dict[str, Path]:
+    """``text_to_3d.gif`` (a turntable, the columns side by side) and ``text_to_3d.png`` (six views per
+    row, one row per column name, top to bottom)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(columns)
+    n = len(columns[names[0]])
+
+    def big(image: np.ndarray) -> Image.Image:
+        pil = Image.fromarray(image)
+        return pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
+
+    frames = [big(np.concatenate([columns[c][i] for c in names], 1)) for i in range(n)]
+    paths = {"gif": folder / "text_to_3d.gif", "strip": folder / "text_to_3d.png"}
+    frames[0].save(paths["gif"], save_all=True, append_images=frames[1:], duration=120, loop=0)
+    picks = np.linspace(0, n, 6, endpoint=False).astype(int)
+    rows = [np.concatenate([columns[c][i] for i in picks], 1) for c in names]
+    big(np.concatenate(rows, 0)).save(paths["strip"])
+    return paths
+
+
+def run(
+    s: Settings,
+    methods: tuple[str, ...] = METHODS,
+    workdir: Path | None = None,
+    pictures: Path | None = None,
+) -> dict[str, dict]:
+    """Build the prior, train every method, score them; returns ``{method: metrics}``.
+
+    ``pictures``: also write a turntable (24 views on a 30-degree ring) of the ground truth and of each
+    method there (:func:`write_pictures`).
+    """
+    spec = SceneSpec(shape=s.shape, colour=s.colour, pattern=s.pattern)
+    common = dict(radius=s.radius, fov=s.fov, width=s.resolution, height=s.resolution, layout="hemisphere")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir or tmp)
+        prior = write_view_prior_set(
+            folder, spec, CameraSpec(num_views=s.num_prior_views, seed=0, **common), {s.prompt: {}}, s.sigma
+        )
+        test = generate_scene(
+            folder / "test",
+            spec,
+            CameraSpec(num_views=s.num_test_views, seed=12345, **common),
+            overwrite=True,
+        )
+        _, test_cameras = load_scene(test)
+        ring = make_cameras(CameraSpec(num_views=24, elevation=30.0, **{**common, "layout": "ring"}))
+        columns = {"ground truth": [to_uint8(im) for im in render(spec, ring)["rgb"]]}
+        results = {}
+        for method in methods:
+            pipe, seconds = train(s, method, prior)
+            results[method] = {**score(pipe, spec, test_cameras), "seconds": seconds}
+            columns[method] = turntable(pipe, ring)
+        if pictures is not None:
+            write_pictures(columns, pictures)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = Settings()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument(
+        "--pictures", type=Path, default=None, help="write text_to_3d.gif and text_to_3d.png here"
+    )
+    args = vars(parser.parse_args())
+    as_json, pictures = args.pop("json"), args.pop("pictures")
+    settings = Settings(**args)
+    results = run(settings, pictures=pictures)
+    print(f"{'method':8s} {'PSNR dB':>8s} {'mask IoU':>9s} {'depth err':>10s} {'seconds':>8s}")
+    for method, r in results.items():
+        print(
+            f"{method:8s} {r['psnr']:8.2f} {r['mask_iou']:9.3f} {r['depth_error']:10.3f} {r['seconds']:8.1f}"
+        )
+    if as_json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
