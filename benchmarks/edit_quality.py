@@ -1,0 +1,518 @@
+"""End-to-end, scored comparison of ``ns-train pds-edit``, ``dds-edit`` and ``sds-edit`` on CPU.
+
+The run, built entirely from the generator and nerfstudio's real CLIs:
+
+1. ``ns-distill-scene`` (Python API): the source object, a red ball with 3 white stripes on a black
+   background, unshaded (``shading="albedo"``), seen from a ring of cameras. (White stripes on a white
+   background were invisible to nerfacto: base PSNR 18.5 dB instead of 26.5 dB.)
+2. The exact prior (``write_exact_prior_set``, memorising, σ = 0 by default) of two prompts with the same
+   seven patterns: "a red ball" = red balls with 3, 4, 5 or 6 white stripes, a 3-checker, no pattern, or
+   3 yellow stripes; "a blue ball" = the same seven in blue. The ideal edit (the generator's render of
+   the source with only ``colour="blue"``) is one member of the target set; the six other blue balls
+   make a loss of identity cost PSNR.
+3. ``ns-train nerfacto`` on the source images (a small field), then ``ns-train pds-edit``,
+   ``dds-edit`` and ``sds-edit --load-dir <base>`` with the same steps, CFG, t range, lr and seed;
+   each method keeps its published weighting (SDS 1−ᾱ_t, DDS uniform, PDS ψ/χ).
+4. Every run is loaded with ``eval_setup`` and rendered from the dataparser's train *and* eval cameras
+   (nerfstudio-data holds out about every 10th frame); ground truth is rendered by the generator from
+   the same frames (dataparser image filename -> frame of ``transforms.json``).
+
+Why identity is measurable by construction: per view, the target-set image nearest (L2) to the source
+image must be the ideal edit of that view (or a pixel-identical copy: the ball is symmetric under
+rotation about its axis, so other views of the same object can coincide). :func:`identity_check`
+verifies it on the written PNGs and reports the margin, min over views and over all differing target
+images of d²(source, other) / d²(source, ideal). Two choices make it hold:
+- shading is off: with the Lambert light, a darker view of a wrong blue ball is nearer (L2) to a bright
+  red view than the ideal edit is (measured at 16 views, 48 px: 7 of 16 views wrong);
+- no phase variants: a phase shift of meridian stripes is a rotation of the ball, i.e. the same
+  images from other views, which a per-view prior cannot tell from the ideal edit.
+
+Metrics, per method (renders of all dataparser frames, train + eval):
+- ``psnr_to_ideal``: mean per-image PSNR (dB) of the edited renders against the ideal edit
+  (``psnr_to_ideal_eval``: held-out frames only).
+- ``target_accuracy``: of the pixels the ideal edit shows blue (the generator's label "primary"),
+  the fraction whose rendered colour is nearest (RGB) to blue among the colours of the two prompt
+  sets (red, blue, white, yellow). ``pattern_accuracy``: of all object pixels (generator mask), the
+  fraction whose nearest palette colour is the ideal edit's colour there (blue body, white stripes;
+  a plain blue ball scores about 0.5); ``stripe_accuracy``: the same on the stripe pixels only (the
+  part the edit must not touch). ``colour_progress``: mean over those body pixels of the
+  projection of (rendered − red) on (blue − red), / |blue − red|²: 0 unchanged, 1 the ideal colour.
+  It shows what the accuracy hides: a body halfway between red and blue is a tie for the classifier.
+- ``depth_change``: mean over object pixels of |depth_edit − depth_base| (nerfacto's depth along the
+  ray, converted to generator units with ``dataparser_scale``) / object diameter (2), each pixel
+  capped at 1 (a hole counts as one diameter, not as the distance to the far plane).
+- ``seconds``: wall time of the edit's ``ns-train`` process (start-up included).
+The base reports ``psnr_to_source`` and ``depth_error`` (vs the generator's depth, same units and cap)
+as sanity checks, and ``psnr_to_ideal``, the no-edit reference.
+
+    .venv/bin/python benchmarks/edit_quality.py            # table; --json: last line is one JSON object
+    .venv/bin/python benchmarks/edit_quality.py --steps 100 --resolution 32 --methods pds --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jaxtyping import Bool, Float
+from PIL import Image
+
+from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+from nerfstudio_distill.data.scene import (
+    COLOURS,
+    LABEL_PRIMARY,
+    LABEL_SECONDARY,
+    CameraSpec,
+    SceneCameras,
+    SceneSpec,
+    generate_scene,
+    load_scene,
+    render,
+    with_attributes,
+)
+
+METHODS = ("pds", "dds", "sds")
+SOURCE_PROMPT, TARGET_PROMPT = "a red ball", "a blue ball"
+SOURCE = SceneSpec(
+    colour="red", pattern="stripes", stripes=3, secondary="white", background="black", shading="albedo"
+)
+TARGET_CHANGE = {"colour": "blue"}
+"""The edit: only the body colour changes; the ideal edit is ``with_attributes(SOURCE, **TARGET_CHANGE)``."""
+PATTERNS: list[dict[str, Any]] = [
+    {},  # the source's own pattern first: variant 0 of each set is the source / the ideal edit
+    {"stripes": 4},
+    {"stripes": 5},
+    {"stripes": 6},
+    {"pattern": "checker", "checks": 3},
+    {"pattern": "none"},
+    {"secondary": "yellow"},
+]
+"""The objects of each prompt's set (changes to SOURCE; the target set adds TARGET_CHANGE). No phase
+variants: a phase shift of a ball's meridian stripes is a rotation, i.e. the same images from other
+views, so a per-view prior could not tell it from the ideal edit."""
+OBJECT_DIAMETER = 2.0
+"""Sphere of radius 1 in generator units (the depth-change scale)."""
+
+
+@dataclass
+class Settings:
+    """Everything that defines one run; the edit settings are shared by all methods."""
+
+    steps: int = 200
+    """Edit steps of every method (``--max-num-iterations`` after ``--load-dir``)."""
+    base_steps: int = 300
+    """Steps of the base ``ns-train nerfacto``."""
+    views: int = 16
+    """Ring cameras (nerfstudio-data holds out about every 10th as eval)."""
+    resolution: int = 48
+    """Image width and height in pixels (the exact prior takes renders at this size)."""
+    radius: float = 4.0
+    """Camera distance (object radius 1): with fov 40° the ball spans about 70 % of the image."""
+    fov: float = 40.0
+    """Vertical field of view in degrees."""
+    cfg: float = 1.0
+    """Classifier-free guidance scale of every method. 1: the exact prior's conditional score is exact,
+    so guidance only extrapolates past the data (at 7.5 every method lost the stripes; see docs)."""
+    lr: float = 3e-3
+    """Learning rate of the field's Adam during the edit (``--optimizers.fields.optimizer.lr``). nerfacto's
+    1e-2 made DDS and SDS paint the stripes blue too (a plain blue ball); at 3e-3 every method kept them."""
+    t_min: float = 0.02
+    """Lowest t of the edit, as a fraction of T (PDS snaps t to its 500-step grid)."""
+    t_max: float = 0.98
+    """Highest t of the edit, as a fraction of T."""
+    psi_scale: float = 1.0
+    """PDS factor on ψ(t) (1 = the paper's coefficients)."""
+    sigma: float = 0.0
+    """Std of the exact prior's Gaussian around each image (0: memorise the sets)."""
+    rays_per_batch: int = 1024
+    """Rays per step of the base nerfacto."""
+    seed: int = 0
+    """Seed of the base and of the edits' view/t/noise draws."""
+    threads: int = 1
+    """torch threads of every ns-train and of the evaluation. On a busy 2-core machine one thread ran a
+    nerfacto step 4-6x faster than two (two threads mostly wait for each other)."""
+    methods: tuple[str, ...] = METHODS
+    """Which edits to run."""
+
+
+# Small nerfacto for CPU; identical in the base and every edit (the edit checks the checkpoint matches).
+FIELD_FLAGS = [
+    "--pipeline.model.implementation", "torch",
+    "--pipeline.model.hidden-dim", "32",
+    "--pipeline.model.hidden-dim-color", "32",
+    "--pipeline.model.num-levels", "8",
+    "--pipeline.model.log2-hashmap-size", "14",
+    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
+    "--pipeline.model.num-nerf-samples-per-ray", "16",
+    "--pipeline.model.background-color", "black",  # the scene's background
+    "--pipeline.model.camera-optimizer.mode", "off",  # exact synthetic poses
+]  # fmt: skip
+NO_EVAL = ["--steps-per-eval-batch", "1000000", "--steps-per-eval-image", "1000000"]
+NO_EVAL += ["--steps-per-eval-all-images", "1000000"]
+
+
+# ------------------------------------------------------------------------------------- data
+def make_data(s: Settings, work: Path) -> tuple[Path, Path]:
+    """Write the scene and the exact prior's two labelled sets; returns their folders."""
+    camera = CameraSpec(
+        num_views=s.views, width=s.resolution, height=s.resolution, radius=s.radius, fov=s.fov
+    )
+    scene = generate_scene(work / "scene", SOURCE, camera, overwrite=True)
+    prompts = {
+        SOURCE_PROMPT: PATTERNS,
+        TARGET_PROMPT: [{**p, **TARGET_CHANGE} for p in PATTERNS],
+    }
+    prior = write_exact_prior_set(scene, work / "prior", prompts, sigma=s.sigma, overwrite=True)
+    return scene, prior
+
+
+def _load_png(path: Path) -> Float[np.ndarray, " D"]:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float64).ravel() / 255.0
+
+
+def identity_check(scene: Path, prior: Path) -> dict[str, Any]:
+    """Per view, is the target-set image nearest (L2) to the source image the ideal edit of that view?
+
+    Compares the PNGs the prior actually loads. Target images pixel-identical to the ideal view count as
+    the ideal (rotational symmetry). Returns ``ideal_is_nearest`` (views where it holds / all) and
+    ``margin`` = min over views of d²(source, nearest other target image) / d²(source, ideal).
+    """
+    index = json.loads((prior / "exact_prior.json").read_text())["prompts"]
+    target = sorted((prior / index[TARGET_PROMPT]).glob("*.png"))
+    images = np.stack([_load_png(p) for p in target])
+    names = [p.name for p in target]
+    holds, margin = 0, math.inf
+    views = sorted((scene / "images").glob("frame_*.png"))
+    for f, path in enumerate(views):
+        source = _load_png(path)
+        d2 = ((images - source) ** 2).sum(1)
+        ideal = names.index(f"variant00_frame{f:05d}.png")  # PATTERNS[0] = the source's pattern
+        same = np.abs(images - images[ideal]).max(1) < 1e-9
+        holds += bool(same[d2.argmin()])
+        margin = min(margin, float(d2[~same].min() / d2[ideal]))
+    return {"ideal_is_nearest": f"{holds}/{len(views)}", "margin": round(margin, 3)}
+
+
+# ------------------------------------------------------------------------------------ ns-train
+def offline_env(work: Path, threads: int = 1) -> dict[str, str]:
+    """Environment of an ns-train that must not reach the network (downloads fail at once)."""
+    env = dict(os.environ)
+    closed = "http://127.0.0.1:9"
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        http_proxy=closed,
+        https_proxy=closed,
+        HTTP_PROXY=closed,
+        HTTPS_PROXY=closed,
+        TORCH_HOME=str(work / "torch_home"),
+        PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+    )
+    return env
+
+
+def ns_train(method: str, args: list[str], work: Path, threads: int = 1, log: Any = print) -> float:
+    """Run ``ns-train <method> <args>`` from this venv; returns its wall time; raises with the log tail."""
+    cmd = [str(Path(sys.executable).parent / "ns-train"), method, *args]
+    log_file = work / "logs" / f"{method}.log"
+    log_file.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("w") as out:
+        env = offline_env(work, threads)
+        proc = subprocess.run(cmd, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = log_file.read_text()[-3000:]
+        raise RuntimeError(f"ns-train {method} failed ({proc.returncode}); log {log_file}:\n{tail}")
+    log(f"ns-train {method}: {seconds:.0f} s")
+    return seconds
+
+
+def common_flags(s: Settings, scene: Path, work: Path, steps: int, timestamp: str) -> list[str]:
+    return [
+        "--machine.device-type", "cpu", "--vis", "tensorboard", *FIELD_FLAGS, *NO_EVAL,
+        "--machine.seed", str(s.seed), "--max-num-iterations", str(steps),
+        "--output-dir", str(work / "out"), "--timestamp", timestamp,
+        "--data", str(scene),
+    ]  # fmt: skip
+
+
+def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
+    """The flags every edit shares (only the method differs)."""
+    return [
+        "--load-dir", str(base_models),
+        "--pipeline.target-prompt", TARGET_PROMPT,
+        "--pipeline.source-prompt", SOURCE_PROMPT,
+        "--pipeline.prior.kind", "exact",
+        "--pipeline.prior.exact.folder", str(prior),
+        "--pipeline.prior-resolution", "None",
+        "--pipeline.guidance.guidance-scale", str(s.cfg),
+        "--pipeline.guidance.timesteps.min-fraction", str(s.t_min),
+        "--pipeline.guidance.timesteps.max-fraction", str(s.t_max),
+        "--pipeline.guidance.psi-scale", str(s.psi_scale),
+        "--pipeline.seed", str(s.seed),
+        "--optimizers.fields.optimizer.lr", str(s.lr),
+        "--steps-per-save", "1000000",  # the trainer still saves the last step
+    ]  # fmt: skip
+
+
+def run_dir(work: Path, method: str, timestamp: str) -> Path:
+    return work / "out" / "scene" / method / timestamp
+
+
+# ---------------------------------------------------------------------------------- evaluation
+@contextlib.contextmanager
+def _offline_here(work: Path, threads: int) -> Iterator[None]:
+    """This process made offline (as :func:`offline_env`) with ``threads`` torch threads; restored after."""
+    import torch
+
+    saved, saved_threads = dict(os.environ), torch.get_num_threads()
+    os.environ.update(offline_env(work, threads))
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(saved_threads)
+
+
+def render_run(run: Path) -> dict[str, Any]:
+    """Load a finished run with ``eval_setup`` and render every train and eval camera of its dataparser.
+
+    Returns ``frames`` (index into transforms.json, from the image filenames), ``eval`` (held-out mask),
+    ``rgb`` N x H x W x 3, ``depth`` N x H x W (nerfacto's depth in generator units) and ``scale``.
+    """
+    import torch
+    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager
+    from nerfstudio.data.datamanagers.parallel_datamanager import ParallelDataManager
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    import method_configs  # noqa: F401  (the plugin's compat layer: checkpoints load under torch >= 2.6)
+
+    def in_process(config):  # nerfacto's ParallelDataManager would spawn workers just to list cameras
+        if issubclass(config.pipeline.datamanager._target, ParallelDataManager):
+            config.pipeline.datamanager._target = VanillaDataManager
+        return config
+
+    _, pipeline, _, _ = eval_setup(run / "config.yml", test_mode="test", update_config_callback=in_process)
+    dm = pipeline.datamanager
+    scale = float(dm.train_dataparser_outputs.dataparser_scale)
+    frames, held_out, rgb, depth = [], [], [], []
+    for dataset, is_eval in ((dm.train_dataset, False), (dm.eval_dataset, True)):
+        for i, filename in enumerate(dataset._dataparser_outputs.image_filenames):
+            frames.append(int(Path(filename).stem.split("_")[-1]))  # images/frame_00012.png -> 12
+            held_out.append(is_eval)
+            with torch.no_grad():
+                out = pipeline.model.get_outputs_for_camera(dataset.cameras[i : i + 1].to(pipeline.device))
+            rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
+            depth.append(out["depth"][..., 0].cpu().numpy() / scale)
+    return {
+        "frames": np.array(frames),
+        "eval": np.array(held_out),
+        "rgb": np.stack(rgb),
+        "depth": np.stack(depth),
+        "scale": scale,
+    }
+
+
+def psnr(a: Float[np.ndarray, "N H W 3"], b: Float[np.ndarray, "N H W 3"]) -> float:
+    """Mean over images of the per-image PSNR in dB (images in [0, 1])."""
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10))))
+
+
+PALETTE_NAMES = sorted({SOURCE.colour, SOURCE.secondary, TARGET_CHANGE["colour"], "yellow"})
+"""Colours present on the objects of the two prompt sets: the classes of the accuracy metrics."""
+
+
+def classify(rgb: Float[np.ndarray, "*p 3"]) -> np.ndarray:
+    """Index into PALETTE_NAMES of the nearest (RGB L2) palette colour (the scene is unshaded)."""
+    palette = np.array([COLOURS[c] for c in PALETTE_NAMES])
+    return ((rgb[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+
+
+def score(run: dict[str, Any], truth: dict[str, np.ndarray], base: dict[str, Any] | None) -> dict[str, float]:
+    """Metrics of one rendered run against the ideal edit (see the module docstring)."""
+    ideal, mask = truth["ideal_rgb"], truth["mask"]
+    body: Bool[np.ndarray, "N H W"] = truth["ideal_label"] == LABEL_PRIMARY
+    stripes: Bool[np.ndarray, "N H W"] = truth["ideal_label"] == LABEL_SECONDARY
+    labels = classify(run["rgb"])
+    ideal_labels = classify(truth["ideal_albedo"])
+    blue = PALETTE_NAMES.index(TARGET_CHANGE["colour"])
+    # how far the body moved from the source colour to the target colour (0: unchanged, 1: the ideal)
+    start, end = np.array(COLOURS[SOURCE.colour]), np.array(COLOURS[TARGET_CHANGE["colour"]])
+    progress = (run["rgb"][body] - start) @ (end - start) / ((end - start) ** 2).sum()
+    result = {
+        "psnr_to_ideal": psnr(run["rgb"], ideal),
+        "psnr_to_ideal_eval": psnr(run["rgb"][run["eval"]], ideal[run["eval"]]),
+        "target_accuracy": float((labels[body] == blue).mean()),
+        "pattern_accuracy": float((labels[mask] == ideal_labels[mask]).mean()),
+        "stripe_accuracy": float((labels[stripes] == PALETTE_NAMES.index(SOURCE.secondary)).mean()),
+        "colour_progress": float(progress.mean()),
+    }
+    if base is not None:
+        change = np.minimum(np.abs(run["depth"] - base["depth"]) / OBJECT_DIAMETER, 1.0)  # a hole counts 1
+        result["depth_change"] = float(change[mask].mean())
+    return result
+
+
+def ground_truth(scene: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Source and ideal-edit renders of the given frames of transforms.json."""
+    spec, cameras = load_scene(scene)
+    cams: SceneCameras = cameras[frames]
+    source, ideal = render(spec, cams), render(with_attributes(spec, **TARGET_CHANGE), cams)
+    # z-depth -> distance along the ray (nerfacto's depth): times |(x, y, -1)| in normalised image coords
+    x = (np.arange(cams.width) + 0.5 - cams.cx) / cams.fx
+    y = (np.arange(cams.height) + 0.5 - cams.cy) / cams.fy
+    stretch = np.sqrt(1 + x[None, :] ** 2 + y[:, None] ** 2)
+    return {
+        "source_rgb": source["rgb"],
+        "source_mask": source["mask"],
+        "ray_depth": source["depth"] * stretch,
+        "ideal_rgb": ideal["rgb"],
+        "ideal_albedo": ideal["albedo"],
+        "ideal_label": ideal["label"],
+        "mask": ideal["mask"],
+    }
+
+
+# --------------------------------------------------------------------------------------- run
+def run(s: Settings, workdir: Path | None = None, keep: bool = False, log: Any = print) -> dict[str, Any]:
+    """Scene, prior, base nerfacto, the edits and their scores; returns the result dict.
+
+    ``workdir``: where to write (default: a temporary folder, deleted afterwards unless ``keep``).
+    """
+    unknown = set(s.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}: use any of {', '.join(METHODS)}")
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="edit_quality_")
+        workdir = Path(tmp.name)
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        scene, prior = make_data(s, work)
+        check = identity_check(scene, prior)
+        log(
+            f"identity check: ideal edit nearest in {check['ideal_is_nearest']} views, margin {check['margin']}"
+        )
+
+        base_seconds = ns_train(
+            "nerfacto",
+            [*common_flags(s, scene, work, s.base_steps, "base"),
+             "--pipeline.datamanager.train-num-rays-per-batch", str(s.rays_per_batch)],
+            work, s.threads, log,
+        )  # fmt: skip
+        base_run = run_dir(work, "nerfacto", "base")
+        seconds = {}
+        for method in s.methods:
+            flags = common_flags(s, scene, work, s.steps, method) + edit_flags(
+                s, prior, base_run / "nerfstudio_models"
+            )
+            seconds[method] = ns_train(f"{method}-edit", flags, work, s.threads, log)
+
+        with _offline_here(work, s.threads):
+            base = render_run(base_run)
+            edits = {m: render_run(run_dir(work, f"{m}-edit", m)) for m in s.methods}
+        truth = ground_truth(scene, base["frames"])
+        result: dict[str, Any] = {}
+        for method, edited in edits.items():
+            assert (edited["frames"] == base["frames"]).all()
+            result[method] = {**score(edited, truth, base), "seconds": seconds[method]}
+        depth_error = np.minimum(np.abs(base["depth"] - truth["ray_depth"]), OBJECT_DIAMETER)
+        depth_error = depth_error[truth["source_mask"]].mean()
+        result["base"] = {
+            "psnr_to_source": psnr(base["rgb"], truth["source_rgb"]),
+            "depth_error": float(depth_error / OBJECT_DIAMETER),
+            **score(base, truth, None),
+            "seconds": base_seconds,
+        }
+        result["identity_check"] = check
+        result["settings"] = {**asdict(s), "eval_frames": base["frames"][base["eval"]].tolist()}
+        if keep:
+            result["workdir"] = str(work)
+        return _rounded(result)
+    finally:
+        if tmp is not None and not keep:
+            tmp.cleanup()
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return round(value, 4)
+    return value
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown table of the result."""
+    rows = [
+        "| run | PSNR to ideal (dB) | held-out | target acc. | colour progress | stripes kept "
+        "| depth change | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("base", *METHODS):
+        if name not in result:
+            continue
+        r = result[name]
+        depth = f"{100 * r['depth_change']:.1f} %" if "depth_change" in r else "—"
+        rows.append(
+            f"| {'base (no edit)' if name == 'base' else name.upper()} | {r['psnr_to_ideal']:.2f} | "
+            f"{r['psnr_to_ideal_eval']:.2f} | {r['target_accuracy']:.3f} | {r['colour_progress']:.2f} | "
+            f"{r['stripe_accuracy']:.3f} | {depth} | {r['seconds']:.0f} |"
+        )
+    base = result["base"]
+    rows.append(
+        f"base: PSNR to the source {base['psnr_to_source']:.2f} dB, depth error "
+        f"{100 * base['depth_error']:.1f} % of the object size; identity check {result['identity_check']}"
+    )
+    return "\n".join(rows)
+
+
+def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Settings()
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "methods":
+            parser.add_argument(flag, nargs="+", choices=METHODS, default=list(METHODS))
+        else:
+            parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (scene, prior, runs)")
+    parser.add_argument("--json", action="store_true", help="last line: the result as one JSON object")
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(Settings)}
+    values["methods"] = tuple(values["methods"])
+    return Settings(**values), args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    s, args = parse(argv)
+    start = time.perf_counter()
+    result = run(s, args.workdir, args.keep, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result) if args.json else f"{table(result)}\n{result['seconds']} s in all")
+    return result
+
+
+if __name__ == "__main__":
+    main()
