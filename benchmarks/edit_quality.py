@@ -69,7 +69,7 @@ import numpy as np
 from jaxtyping import Bool, Float
 from PIL import Image
 
-from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+from nerfstudio_distill.data.prior_sets import PATTERN_VARIANTS, write_exact_prior_set
 from nerfstudio_distill.data.scene import (
     COLOURS,
     LABEL_PRIMARY,
@@ -90,18 +90,8 @@ SOURCE = SceneSpec(
 )
 TARGET_CHANGE = {"colour": "blue"}
 """The edit: only the body colour changes; the ideal edit is ``with_attributes(SOURCE, **TARGET_CHANGE)``."""
-PATTERNS: list[dict[str, Any]] = [
-    {},  # the source's own pattern first: variant 0 of each set is the source / the ideal edit
-    {"stripes": 4},
-    {"stripes": 5},
-    {"stripes": 6},
-    {"pattern": "checker", "checks": 3},
-    {"pattern": "none"},
-    {"secondary": "yellow"},
-]
-"""The objects of each prompt's set (changes to SOURCE; the target set adds TARGET_CHANGE). No phase
-variants: a phase shift of a ball's meridian stripes is a rotation, i.e. the same images from other
-views, so a per-view prior could not tell it from the ideal edit."""
+PATTERNS = PATTERN_VARIANTS
+"""The objects of each prompt's set (changes to SOURCE; the target set adds TARGET_CHANGE)."""
 OBJECT_DIAMETER = 2.0
 """Sphere of radius 1 in generator units (the depth-change scale)."""
 
@@ -299,18 +289,10 @@ def render_run(run: Path) -> dict[str, Any]:
     ``rgb`` N x H x W x 3, ``depth`` N x H x W (nerfacto's depth in generator units) and ``scale``.
     """
     import torch
-    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager
-    from nerfstudio.data.datamanagers.parallel_datamanager import ParallelDataManager
-    from nerfstudio.utils.eval_utils import eval_setup
 
-    import method_configs  # noqa: F401  (the plugin's compat layer: checkpoints load under torch >= 2.6)
+    from nerfstudio_distill.scripts.pictures import load_run
 
-    def in_process(config):  # nerfacto's ParallelDataManager would spawn workers just to list cameras
-        if issubclass(config.pipeline.datamanager._target, ParallelDataManager):
-            config.pipeline.datamanager._target = VanillaDataManager
-        return config
-
-    _, pipeline, _, _ = eval_setup(run / "config.yml", test_mode="test", update_config_callback=in_process)
+    pipeline = load_run(run / "config.yml", test_mode="test")
     dm = pipeline.datamanager
     scale = float(dm.train_dataparser_outputs.dataparser_scale)
     frames, held_out, rgb, depth = [], [], [], []

@@ -21,6 +21,21 @@ from PIL import Image
 from nerfstudio_distill.data.scene import SceneError, load_scene, render, with_attributes
 from nerfstudio_distill.priors.config import EXACT_PRIOR_FILE
 
+PATTERN_VARIANTS: list[dict[str, Any]] = [
+    {},  # the object's own pattern first
+    {"stripes": 4},
+    {"stripes": 5},
+    {"stripes": 6},
+    {"pattern": "checker", "checks": 3},
+    {"pattern": "none"},
+    {"secondary": "yellow"},
+]
+"""Seven objects that differ from a striped ball only in their pattern. A prompt's set holds all of them
+(in its colour), so a lost identity costs PSNR; for an unshaded ball with 3 white stripes the nearest
+target image to each source view is the ideal edit (benchmarks/edit_quality.py checks it). No phase
+variants: a phase shift of meridian stripes is a rotation of the ball, i.e. the same images from other
+views, which a per-view prior cannot tell from the ideal edit."""
+
 
 def write_exact_prior_set(
     scene_dir: str | Path,
