@@ -323,7 +323,8 @@ def run(
     workdir: Path | None = None,
     pictures: Path | None = None,
 ) -> dict[str, dict]:
-    """Build the prior, train every method, score them; returns ``{method: metrics}``.
+    """Build the prior, train every method, score them; returns ``{method: metrics}`` and, as
+    ``"untrained"``, the score of the initial field (the density blob alone), the floor to beat.
 
     ``pictures``: also write a turntable (24 views on a 30-degree ring) of the ground truth and of each
     method there (:func:`write_pictures`).
@@ -344,11 +345,13 @@ def run(
         _, test_cameras = load_scene(test)
         ring = make_cameras(CameraSpec(num_views=24, elevation=30.0, **{**common, "layout": "ring"}))
         columns = {"ground truth": [to_uint8(im) for im in render(spec, ring)["rgb"]]}
+        untrained, _ = train(replace(s, steps=0), methods[0], prior)  # the initial field: its blob alone
         results = {}
         for method in methods:
             pipe, seconds = train(s, method, prior)
             results[method] = {**score(pipe, spec, test_cameras), "seconds": seconds}
             columns[method] = turntable(pipe, ring)
+        results["untrained"] = {**score(untrained, spec, test_cameras), "seconds": 0.0}
         if pictures is not None:
             write_pictures(columns, pictures)
     return results
@@ -367,10 +370,10 @@ def main() -> None:
     as_json, pictures = args.pop("json"), args.pop("pictures")
     settings = Settings(**args)
     results = run(settings, pictures=pictures)
-    print(f"{'method':8s} {'PSNR dB':>8s} {'mask IoU':>9s} {'depth err':>10s} {'seconds':>8s}")
+    print(f"{'method':10s} {'PSNR dB':>8s} {'mask IoU':>9s} {'depth err':>10s} {'seconds':>8s}")
     for method, r in results.items():
         print(
-            f"{method:8s} {r['psnr']:8.2f} {r['mask_iou']:9.3f} {r['depth_error']:10.3f} {r['seconds']:8.1f}"
+            f"{method:10s} {r['psnr']:8.2f} {r['mask_iou']:9.3f} {r['depth_error']:10.3f} {r['seconds']:8.1f}"
         )
     if as_json:
         print(json.dumps(results))
