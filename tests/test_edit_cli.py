@@ -65,7 +65,7 @@ def test_edit_resume_and_export(tiny_scene, base_run, prior_folder, tmp_path):
         (
             ["--load-dir", "{base}", "--pipeline.prior.kind", "stable-diffusion"]
             + ["--pipeline.prior.stable-diffusion.model", "nobody/no-such-model"],
-            ["HF_HUB_OFFLINE"],
+            ["HF_HUB_OFFLINE", "--pipeline.prior.stable-diffusion.model"],
         ),
         (["--load-dir", "{base}", "--pipeline.model.hidden-dim", "32"], ["does not match", "same --data"]),
     ],

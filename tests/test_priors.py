@@ -293,13 +293,13 @@ def test_sd_unknown_model_offline(monkeypatch, tiny_sd):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PriorLoadError) as e:
         StableDiffusionPrior(model="nobody/no-such-sd-model-for-tests", device="cpu")
-    assert_one_line(e, "--model", "HF_HUB_OFFLINE=1")
+    assert_one_line(e, "--pipeline.prior.stable-diffusion.model", "HF_HUB_OFFLINE=1")
 
 
 def test_sd_missing_local_folder(tmp_path):
     with pytest.raises(PriorLoadError) as e:
         StableDiffusionPrior(model=str(tmp_path / "no_such_folder"), device="cpu")
-    assert_one_line(e, "does not exist", "--model")
+    assert_one_line(e, "does not exist", "--pipeline.prior.stable-diffusion.model")
 
 
 def test_import_diffusers_error(monkeypatch):

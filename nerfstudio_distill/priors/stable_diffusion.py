@@ -103,6 +103,12 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
 
 
+MODEL_FLAGS = (
+    "--pipeline.prior.stable-diffusion.model (ns-train; --prior.stable-diffusion.model in ns-distill-2d)"
+)
+"""Where users set the model, named in load errors."""
+
+
 class StableDiffusionPrior(Prior):
     """Frozen Stable Diffusion UNet + VAE + CLIP text encoder behind the :class:`Prior` interface.
 
@@ -118,9 +124,8 @@ class StableDiffusionPrior(Prior):
         local = os.path.isdir(model)
         if not local and _looks_like_path(config.model):
             raise PriorLoadError(
-                f"model folder {config.model!r} does not exist or is not a folder: set "
-                "StableDiffusionPriorConfig.model (--model) to a folder holding unet/ vae/ text_encoder/ "
-                "tokenizer/ scheduler/, or to a hub id"
+                f"model folder {config.model!r} does not exist or is not a folder: set {MODEL_FLAGS} to a "
+                "folder holding unet/ vae/ text_encoder/ tokenizer/ scheduler/, or to a hub id"
             )
         offline = config.local_files_only or _hub_offline()
 
@@ -132,8 +137,8 @@ class StableDiffusionPrior(Prior):
                 where = "the local folder" if local else "the local cache" if offline else "the hub or cache"
                 raise PriorLoadError(
                     f"could not load {subfolder}/ of {config.model!r} from {where} ({_one_line(e, 120)}): "
-                    "set StableDiffusionPriorConfig.model (--model) to a local diffusers folder, or download "
-                    f"once online (e.g. hf download {config.model}) and then run with HF_HUB_OFFLINE=1"
+                    f"set {MODEL_FLAGS} to a local diffusers folder, or download once online "
+                    f"(e.g. hf download {config.model}) and then run with HF_HUB_OFFLINE=1"
                 ) from e
 
         # The scheduler is tiny: a missing model fails here, before any large download.
