@@ -81,3 +81,23 @@ def test_bad_input_is_one_line(tiny_scene, base_run, prior_folder, tmp_path, fla
     )
     assert_one_line_error(proc, *needles)
     assert not list(out.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_poisson_export_of_an_edit_whose_base_predicts_normals(tiny_scene, prior_folder, tmp_path):
+    """ns-export poisson needs normals: a base trained with --pipeline.model.predict-normals True, and the
+    edit with the same field settings, export a Poisson mesh."""
+    env, out = offline_env(tmp_path), tmp_path / "out"
+    normals = ["--pipeline.model.predict-normals", "True"]
+    proc = run_cli(ns_train("nerfacto", out, tiny_scene, *normals), env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = out / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models"
+    edit = ns_train("pds-edit", out, tiny_scene, *normals, "--load-dir", str(base), *edit_flags(prior_folder))
+    proc = run_cli(edit, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = out / tiny_scene.name / "pds-edit" / "run" / "config.yml"
+    export = ["ns-export", "poisson", "--load-config", str(config), "--output-dir", str(tmp_path / "mesh")]
+    export += ["--num-points", "2000", "--normal-method", "model_output", "--texture-method", "point_cloud"]
+    proc = run_cli(export, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "mesh" / "poisson_mesh.ply").stat().st_size > 0

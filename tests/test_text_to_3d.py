@@ -416,6 +416,11 @@ def test_train_resume_and_export(prior_set, tmp_path, method):
     for exporter, extra, produced in [
         ("pointcloud", ["--num-points", "256", "--normal-method", "open3d"], "point_cloud.ply"),
         ("tsdf", ["--resolution", "32", "--batch-size", "4", "--texture-method", "tsdf"], "tsdf_mesh.ply"),
+        (
+            "poisson",
+            ["--num-points", "2000", "--normal-method", "model_output", "--texture-method", "point_cloud"],
+            "poisson_mesh.ply",
+        ),
     ]:
         target = tmp_path / exporter
         cmd = [
