@@ -153,6 +153,16 @@ def test_live_target_prompt_is_used_next_step(pipeline):
     assert SOURCE in pipeline.prior._embedding_cache
 
 
+def test_a_prompt_being_typed_keeps_the_current_one(pipeline):
+    pipeline.Distillation.target_prompt.value = SOURCE[:5]  # the viewer sends every keystroke
+    with pytest.warns(RuntimeWarning, match="keeping the prompt"):
+        pipeline.get_train_loss_dict(step=0)  # the exact prior knows no such prompt: no crash
+    assert pipeline.Distillation.prompt_in_use.value == TARGET
+    pipeline.Distillation.target_prompt.value = SOURCE  # typing finished
+    pipeline.get_train_loss_dict(step=1)
+    assert pipeline.Distillation.prompt_in_use.value == SOURCE
+
+
 def test_refinement_replaces_training_images(tiny_scene, prior_set):
     config = edit_config(tiny_scene, prior_set, refine_steps=4, refine_every=2, refine_denoise_steps=2)
     pipe = config.setup(device="cpu", test_mode="val")

@@ -190,6 +190,16 @@ def test_live_prompt_and_t_range_from_the_panel(pipeline):
     assert BLUE in panel.views.value
 
 
+def test_a_prompt_being_typed_keeps_the_current_one(pipeline):
+    pipeline.Distillation.prompt.value = BLUE[:5]  # the viewer sends every keystroke
+    with pytest.warns(RuntimeWarning, match="keeping the prompt"):
+        pipeline.get_train_loss_dict(step=0)  # the exact prior knows no such prompt: no crash
+    assert all(p.startswith(RED + ", ") for p in pipeline.Distillation.views.value.split("; "))
+    pipeline.Distillation.prompt.value = BLUE  # typing finished
+    pipeline.get_train_loss_dict(step=1)
+    assert all(p.startswith(BLUE + ", ") for p in pipeline.Distillation.views.value.split("; "))
+
+
 def test_two_pass_render_gives_the_single_pass_gradient(prior_set):
     grads, reference = [], None
     for chunk in (1 << 20, 100):  # one pass with autograd, then render + chunked backpropagation

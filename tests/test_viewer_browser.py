@@ -1,13 +1,15 @@
-"""nerfstudio's web viewer in a real (headless) Chromium: the Distillation panel of a live pds-edit.
+"""nerfstudio's web viewer in a real (headless) Chromium: the Distillation panel of a live pds-edit
+and of a live sds-nerfacto.
 
 Starts a tiny `ns-train pds-edit` with the viewer on a free localhost port, checks that the panel
 and its controls appear, types a new target prompt into the page, and waits until training reports
 that prompt back in the panel ("Prompt in use" is set by each training step). Saves the screenshot
-the README shows (docs/viewer_panel.png).
+the README shows (docs/viewer_panel.png). The same for sds-nerfacto's prompt ("Last prompts").
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -50,15 +52,15 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.slow
-def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_path):
+@contextlib.contextmanager
+def viewer_page(command: list[str], tmp_path: Path):
+    """Start ``command`` (an ns-train with the viewer on a free port) and open its viewer in Chromium.
+
+    Yields ``(driver, value, proc)``; ``value(label)`` is the current value of a panel control."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.keys import Keys
 
     port = free_port()
-    flags = edit_flags(prior_folder, "--load-dir", str(base_run))
-    command = ns_train("pds-edit", tmp_path / "out", tiny_scene, *flags, steps=100000)
     command = [c if c != "tensorboard" else "viewer" for c in command]  # CPU_NERFACTO's --vis
     command += ["--viewer.websocket-port", str(port), "--viewer.websocket-host", "127.0.0.1"]
     log = open(tmp_path / "train.log", "w")
@@ -82,6 +84,33 @@ def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_
         body = wait_for(lambda: "Distillation" in driver.execute_script("return document.body.innerText"), 120,
                         "the Distillation panel", proc)  # fmt: skip
         assert body
+        yield driver, value, proc
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def type_into(driver, label: str, text: str) -> None:
+    """Replace the text of the panel's ``label`` box and press Enter, as a user would."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.execute_script(INPUT_OF, label)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(text, Keys.ENTER)
+
+
+@pytest.mark.slow
+def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_path):
+    flags = edit_flags(prior_folder, "--load-dir", str(base_run))
+    command = ns_train("pds-edit", tmp_path / "out", tiny_scene, *flags, steps=100000)
+    with viewer_page(command, tmp_path) as (driver, value, proc):
         for control in (
             "Target prompt",
             "CFG scale",
@@ -96,10 +125,7 @@ def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_
         )
 
         new_prompt = "a red striped ball"  # the other prompt of the exact prior's set
-        box = driver.execute_script(INPUT_OF, "Target prompt")
-        box.click()
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(new_prompt, Keys.ENTER)
+        type_into(driver, "Target prompt", new_prompt)
         wait_for(lambda: value("Prompt in use") == new_prompt, 300, "training to use the new prompt", proc)
         assert value("Current t") not in (None, "-")
 
@@ -109,12 +135,25 @@ def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", panel)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(SCREENSHOT))
-    finally:
-        if driver is not None:
-            driver.quit()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+
+
+@pytest.mark.slow
+def test_text_to_3d_panel_in_chromium(tmp_path):
+    """sds-nerfacto in the viewer: the panel's prompt, CFG and t range, and a prompt typed into the page
+    reaches training (the view prompts of the last step echo it)."""
+    from benchmarks.text_to_3d_quality import write_view_prior_set
+    from nerfstudio_distill.data.scene import CameraSpec, SceneSpec
+    from tests.test_text_to_3d import BLUE, FOV, RADIUS, RED, RES
+    from tests.test_text_to_3d import ns_train as t2d_train
+
+    cameras = CameraSpec(layout="hemisphere", num_views=40, radius=RADIUS, fov=FOV, width=RES, height=RES)
+    spec = SceneSpec(colour="red", pattern="stripes", stripes=3)
+    prior = write_view_prior_set(tmp_path / "prior", spec, cameras, {RED: {}, BLUE: {"colour": "blue"}})
+    command = t2d_train("sds-nerfacto", tmp_path / "out", prior, steps=100000)
+    with viewer_page(command, tmp_path) as (driver, value, proc):
+        for control in ("Prompt", "CFG scale", "t min", "t max", "Current t", "Last prompts"):
+            assert value(control) is not None, control
+        wait_for(lambda: RED in (value("Last prompts") or ""), 300, "the first training step", proc)
+        type_into(driver, "Prompt", BLUE)
+        wait_for(lambda: BLUE in (value("Last prompts") or ""), 300, "training to use the new prompt", proc)
+        assert all(p.startswith(BLUE + ", ") for p in value("Last prompts").split("; "))

@@ -21,6 +21,8 @@ from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
 from nerfstudio.models.base_model import Model
 from torch import Tensor
 
+from nerfstudio_distill.priors.base import Prior, PriorInputError
+
 Regularizers = Callable[[dict[str, Any]], dict[str, Tensor]]
 """Model outputs of some rays -> named, already weighted regulariser losses of those rays."""
 
@@ -103,3 +105,22 @@ def is_finite_or_warn(grad: Tensor, step: int) -> bool:
         f"step {step}: the guidance gradient has NaN/Inf; step skipped", RuntimeWarning, stacklevel=3
     )
     return False
+
+
+def live_prompt(prior: Prior, typed: str, current: str, prompts_of: Callable[[str], list[str]]) -> str:
+    """The prompt to use now: ``typed`` (from the viewer panel) once the prior can take every prompt it
+    leads to (``prompts_of(typed)``), else ``current``.
+
+    The viewer sends the text on every keystroke, so a prompt being typed arrives letter by letter; the
+    exact prior refuses prompts it has no images for. Either way training keeps the current prompt (with
+    a warning) instead of crashing, and takes the new one when it is complete.
+    """
+    typed = typed.strip()
+    if not typed or typed == current:
+        return current
+    try:
+        prior.embed(prompts_of(typed))
+    except PriorInputError as err:
+        warnings.warn(f"keeping the prompt {current!r}: {err}", RuntimeWarning, stacklevel=2)
+        return current
+    return typed

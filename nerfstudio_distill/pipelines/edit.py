@@ -36,6 +36,7 @@ from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.pipelines.common import (
     backward_in_chunks,
     is_finite_or_warn,
+    live_prompt,
     nerfacto_regularizers,
     render_in_chunks,
     to_prior,
@@ -130,13 +131,17 @@ class EditPipeline(VanillaPipeline):
         self._source_latents: dict[int, Tensor] = {}
         self._num_steps = 1
         self._refine_started = False
+        self._prompt = config.target_prompt.strip()
+        """The target prompt in use (the panel's, once the prior can take it)."""
 
     # --------------------------------------------------------------- schedule
     def start_edit(self, start_step: int, num_steps: int) -> None:
         """Called by the trainer once the checkpoint is loaded (a resumed run keeps its start)."""
         if int(self.edit_start_step) < 0:
             self.edit_start_step.fill_(start_step)
-            if hasattr(self.model, "keep_source"):  # the weights are still the base's: the viewer's source_rgb
+            if hasattr(
+                self.model, "keep_source"
+            ):  # the weights are still the base's: the viewer's source_rgb
                 self.model.keep_source()
         self._num_steps = max(num_steps, 1)
 
@@ -180,10 +185,11 @@ class EditPipeline(VanillaPipeline):
         with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
             latents = self.prior.encode(self._to_prior(image.float()))
             source = self._source(index, crop, scale) if guidance.method in ("dds", "pds") else None
+            self._prompt = live_prompt(self.prior, panel.target_prompt.value, self._prompt, lambda p: [p])
             out = guidance(
                 self.prior,
                 latents,
-                panel.target_prompt.value,
+                self._prompt,
                 x0_src=source,
                 prompt_src=self.config.source_prompt,
                 progress=progress,
@@ -192,7 +198,7 @@ class EditPipeline(VanillaPipeline):
         metrics = {"guidance_grad_norm": out.grad_norm.detach(), "guidance_t": out.t.float().mean()}
         if out.psi is not None:
             metrics.update(psi=out.psi.float().mean(), chi=out.chi.float().mean())
-        panel.prompt_in_use.value = panel.target_prompt.value
+        panel.prompt_in_use.value = self._prompt
         panel.t.value = str(out.t.tolist())
         panel.loss.value = f"{float(out.grad_norm):.4g}"
         if not is_finite_or_warn(out.grad, step):
@@ -272,7 +278,9 @@ class EditPipeline(VanillaPipeline):
                 edited = sdedit(
                     self.prior,
                     latents,
-                    self.Distillation.target_prompt.value,
+                    live_prompt(
+                        self.prior, self.Distillation.target_prompt.value, self._prompt, lambda p: [p]
+                    ),
                     strength=self.config.refine_strength,
                     num_steps=self.config.refine_denoise_steps,
                     guidance_scale=float(self.Distillation.guidance_scale.value),

@@ -31,6 +31,7 @@ from nerfstudio_distill.models.text_to_3d import TextTo3DModel, TextTo3DModelCon
 from nerfstudio_distill.pipelines.common import (
     backward_in_chunks,
     is_finite_or_warn,
+    live_prompt,
     render_in_chunks,
     to_prior,
 )
@@ -133,6 +134,9 @@ class TextTo3DPipeline(VanillaPipeline):
         if training:
             check_prior_takes(self._prior, config, self.reachable_views())
         self._num_steps: int | None = None
+        self._prompt = config.prompt.strip()
+        """The base prompt in use (the panel's, once the prior can take it)."""
+        self._views = self.reachable_views()
 
     def start_edit(self, start_step: int, num_steps: int) -> None:
         """Called by DistillTrainer once the checkpoint is loaded: the run's length, for t annealing."""
@@ -190,8 +194,10 @@ class TextTo3DPipeline(VanillaPipeline):
         schedule = guidance.timesteps
         schedule.min_fraction, schedule.max_fraction = t_min, t_max
         schedule.final_max_fraction = min(max(schedule.final_max_fraction, t_min), t_max)
-        prompt = panel.prompt.value.strip() or self.config.prompt
-        prompts = self.prompts_of(views, prompt)
+        self._prompt = live_prompt(
+            self.prior, panel.prompt.value, self._prompt, lambda p: [view_prompt(p, v) for v in self._views]
+        )
+        prompts = self.prompts_of(views, self._prompt)
         progress = 0.0 if self._num_steps is None else min(max(step / self._num_steps, 0.0), 1.0)
 
         with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
