@@ -139,9 +139,8 @@ class EditPipeline(VanillaPipeline):
         """Called by the trainer once the checkpoint is loaded (a resumed run keeps its start)."""
         if int(self.edit_start_step) < 0:
             self.edit_start_step.fill_(start_step)
-            if hasattr(
-                self.model, "keep_source"
-            ):  # the weights are still the base's: the viewer's source_rgb
+            # the weights are still the base's: keep them for the viewer's source_rgb
+            if hasattr(self.model, "keep_source"):
                 self.model.keep_source()
         self._num_steps = max(num_steps, 1)
 
