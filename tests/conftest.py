@@ -91,6 +91,19 @@ def ns_train(
     ]  # fmt: skip
 
 
+def ns_export(exporter: str, run: Path, output_dir: Path, *extra: str) -> list[str]:
+    """``ns-export <exporter>`` of the run folder ``run`` (holding config.yml) into ``output_dir``."""
+    return [
+        "ns-export",
+        exporter,
+        "--load-config",
+        str(run / "config.yml"),
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def base_run(tiny_scene, tmp_path_factory) -> Path:
     """A plain `ns-train nerfacto` run of the tiny scene (its nerfstudio_models folder)."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nerfstudio_distill.compat import checkpoints, lpips
-from tests.conftest import offline_env, run_cli
+from tests.conftest import ns_export, offline_env, run_cli
 
 
 def _nerfstudio_like_checkpoint() -> bytes:
@@ -169,8 +169,9 @@ def test_offline_nerfacto_train_then_export_pointcloud(base_run, tmp_path):
     assert set(torch.serialization.get_unsafe_globals_in_checkpoint(str(ckpt))) <= allowed
 
     export = run_cli(
-        ["ns-export", "pointcloud", "--load-config", str(run_dir / "config.yml")]
-        + ["--output-dir", str(tmp_path / "export"), "--num-points", "256", "--normal-method", "open3d"],
+        ns_export(
+            "pointcloud", run_dir, tmp_path / "export", "--num-points", "256", "--normal-method", "open3d"
+        ),
         offline_env(tmp_path),
         tmp_path,
     )

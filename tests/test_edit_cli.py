@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import edit_flags, ns_train, offline_env, run_cli
+from tests.conftest import edit_flags, ns_export, ns_train, offline_env, run_cli
 
 
 def assert_one_line_error(proc, *needles: str) -> None:
@@ -40,16 +40,7 @@ def test_edit_resume_and_export(tiny_scene, base_run, prior_folder, tmp_path):
         ("tsdf", ["--resolution", "32", "--batch-size", "2", "--texture-method", "tsdf"], "tsdf_mesh.ply"),
     ]:
         target = tmp_path / exporter
-        cmd = [
-            "ns-export",
-            exporter,
-            "--load-config",
-            str(run / "config.yml"),
-            "--output-dir",
-            str(target),
-            *extra,
-        ]
-        proc = run_cli(cmd, env, tmp_path)
+        proc = run_cli(ns_export(exporter, run, target, *extra), env, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (target / produced).stat().st_size > 0
 
@@ -95,9 +86,8 @@ def test_poisson_export_of_an_edit_whose_base_predicts_normals(tiny_scene, prior
     edit = ns_train("pds-edit", out, tiny_scene, *normals, "--load-dir", str(base), *edit_flags(prior_folder))
     proc = run_cli(edit, env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = out / tiny_scene.name / "pds-edit" / "run" / "config.yml"
-    export = ["ns-export", "poisson", "--load-config", str(config), "--output-dir", str(tmp_path / "mesh")]
-    export += ["--num-points", "2000", "--normal-method", "model_output", "--texture-method", "point_cloud"]
-    proc = run_cli(export, env, tmp_path)
+    run = out / tiny_scene.name / "pds-edit" / "run"
+    extra = ["--num-points", "2000", "--normal-method", "model_output", "--texture-method", "point_cloud"]
+    proc = run_cli(ns_export("poisson", run, tmp_path / "mesh", *extra), env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "mesh" / "poisson_mesh.ply").stat().st_size > 0

@@ -25,7 +25,7 @@ from nerfstudio_distill.pipelines.text_to_3d import (
 from nerfstudio_distill.pipelines.trainer import DistillError
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
-from tests.conftest import CPU_NERFACTO, offline_env, run_cli
+from tests.conftest import CPU_NERFACTO, ns_export, offline_env, run_cli
 
 RED, BLUE = "a red striped ball", "a blue striped ball"
 RES, RADIUS, FOV = 16, 4.0, 40.0
@@ -433,16 +433,7 @@ def test_train_resume_and_export(prior_set, tmp_path, method):
         ),
     ]:
         target = tmp_path / exporter
-        cmd = [
-            "ns-export",
-            exporter,
-            "--load-config",
-            str(run / "config.yml"),
-            "--output-dir",
-            str(target),
-            *extra,
-        ]
-        proc = run_cli(cmd, env, tmp_path)
+        proc = run_cli(ns_export(exporter, run, target, *extra), env, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (target / produced).stat().st_size > 0
 

@@ -21,7 +21,9 @@ from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
 from nerfstudio.models.base_model import Model
 from torch import Tensor
 
+from nerfstudio_distill.pipelines.trainer import DistillError
 from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.priors.config import PriorConfig
 
 Regularizers = Callable[[dict[str, Any]], dict[str, Tensor]]
 """Model outputs of some rays -> named, already weighted regulariser losses of those rays."""
@@ -124,3 +126,19 @@ def live_prompt(prior: Prior, typed: str, current: str, prompts_of: Callable[[st
         warnings.warn(f"keeping the prompt {current!r}: {err}", RuntimeWarning, stacklevel=2)
         return current
     return typed
+
+
+class TrainingPrior:
+    """Pipeline mixin: the diffusion prior, built only when training (``ns-train``; never by ``ns-export``
+    or ``ns-viewer``) and kept outside the module tree, so its weights never enter checkpoints."""
+
+    def _setup_prior(self, config: PriorConfig, device: str, training: bool) -> None:
+        self.__dict__["_prior"] = config.setup(device=str(device)) if training else None
+
+    @property
+    def prior(self) -> Prior:
+        if self.__dict__.get("_prior") is None:
+            raise DistillError(
+                "the prior is only loaded for training (ns-train), not by ns-export or ns-viewer"
+            )
+        return self.__dict__["_prior"]

@@ -34,6 +34,7 @@ from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.pipelines.common import (
+    TrainingPrior,
     backward_in_chunks,
     is_finite_or_warn,
     live_prompt,
@@ -42,7 +43,6 @@ from nerfstudio_distill.pipelines.common import (
     to_prior,
 )
 from nerfstudio_distill.pipelines.trainer import DistillError
-from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
 
 
@@ -109,7 +109,7 @@ class DistillationPanel(nn.Module):
         self.loss = ViewerText("Guidance |grad|", "-", disabled=True)
 
 
-class EditPipeline(VanillaPipeline):
+class EditPipeline(TrainingPrior, VanillaPipeline):
     """See the module docstring."""
 
     config: EditPipelineConfig
@@ -127,7 +127,7 @@ class EditPipeline(VanillaPipeline):
         self.model.camera_optimizer.requires_grad_(False)
         self.register_buffer("edit_start_step", torch.tensor(-1, dtype=torch.long))
         self.Distillation = DistillationPanel(config)
-        self.__dict__["_prior"] = config.prior.setup(device=str(device)) if training else None
+        self._setup_prior(config.prior, device, training)
         self._source_latents: dict[int, Tensor] = {}
         self._num_steps = 1
         self._refine_started = False
@@ -152,14 +152,6 @@ class EditPipeline(VanillaPipeline):
             self.config.refine_steps > 0
             and self._stage_step(step) >= self._num_steps - self.config.refine_steps
         )
-
-    @property
-    def prior(self) -> Prior:
-        if self._prior is None:
-            raise DistillError(
-                "the prior is only loaded for training (ns-train), not by ns-export or ns-viewer"
-            )
-        return self._prior
 
     # -------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):

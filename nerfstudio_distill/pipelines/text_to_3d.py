@@ -29,6 +29,7 @@ from nerfstudio_distill.data.random_cameras import RandomCameras, RandomCamerasC
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.models.text_to_3d import TextTo3DModel, TextTo3DModelConfig
 from nerfstudio_distill.pipelines.common import (
+    TrainingPrior,
     backward_in_chunks,
     is_finite_or_warn,
     live_prompt,
@@ -114,7 +115,7 @@ class TextTo3DPanel(nn.Module):
         self.views = ViewerText("Last prompts", "-", disabled=True)
 
 
-class TextTo3DPipeline(VanillaPipeline):
+class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
     """See the module docstring."""
 
     config: TextTo3DPipelineConfig
@@ -130,25 +131,17 @@ class TextTo3DPipeline(VanillaPipeline):
         super().__init__(config, device, test_mode=test_mode, **kwargs)
         self.grad_scaler = kwargs.get("grad_scaler")
         self.Distillation = TextTo3DPanel(config)
-        self.__dict__["_prior"] = config.prior.setup(device=str(device)) if training else None
+        self._setup_prior(config.prior, device, training)
+        self._views = self.reachable_views()
         if training:
-            check_prior_takes(self._prior, config, self.reachable_views())
+            check_prior_takes(self.prior, config, self._views)
         self._num_steps: int | None = None
         self._prompt = config.prompt.strip()
         """The base prompt in use (the panel's, once the prior can take it)."""
-        self._views = self.reachable_views()
 
     def start_edit(self, start_step: int, num_steps: int) -> None:
         """Called by DistillTrainer once the checkpoint is loaded: the run's length, for t annealing."""
         self._num_steps = max(num_steps, 1)
-
-    @property
-    def prior(self) -> Prior:
-        if self._prior is None:
-            raise DistillError(
-                "the prior is only loaded for training (ns-train), not by ns-export or ns-viewer"
-            )
-        return self._prior
 
     # ---------------------------------------------------------------- prompts
     def view_of(self, elevation: float, azimuth: float) -> str | None:
