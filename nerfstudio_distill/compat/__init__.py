@@ -9,17 +9,20 @@ of ``ns-train``, ``ns-export``, ``ns-viewer`` and ``ns-eval`` (through
    numpy scalars inside nerfstudio 1.1.5 checkpoints are allow-listed, nothing more.
 2. :mod:`.lpips`: offline, nerfacto's LPIPS metric cannot download AlexNet; the metric
    becomes unavailable with one warning instead of crashing training.
+3. :mod:`.seeding`: the ray-sampling worker processes of ``ParallelDataManager`` are seeded
+   from ``--machine.seed``, so a CPU run with the same seed gives the same field.
 
-Both are idempotent and cheap (no heavy imports).
+All are idempotent and cheap (no heavy imports).
 """
 
-from nerfstudio_distill.compat import checkpoints, lpips
+from nerfstudio_distill.compat import checkpoints, lpips, seeding
 
 
 def install() -> None:
     """Apply every compatibility fix (safe to call more than once)."""
     checkpoints.install()
     lpips.install()
+    seeding.install()
 
 
-__all__ = ["install", "checkpoints", "lpips"]
+__all__ = ["install", "checkpoints", "lpips", "seeding"]
