@@ -47,12 +47,14 @@ as sanity checks, and ``psnr_to_ideal``, the no-edit reference.
 
     .venv/bin/python benchmarks/edit_quality.py            # table; --json: last line is one JSON object
     .venv/bin/python benchmarks/edit_quality.py --steps 100 --resolution 32 --methods pds --keep
+    .venv/bin/python benchmarks/edit_quality.py --seeds 0 1 2 --jobs 2   # mean ± std over three seeds
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -444,8 +446,39 @@ def _rounded(value: Any) -> Any:
     return value
 
 
+def over_seeds(s: Settings, seeds: list[int], jobs: int, log: Any = print) -> dict[str, Any]:
+    """:func:`run` once per seed (``jobs`` at a time, each in its own folder); the mean and the spread
+    (population std) of every score, and each seed's result. Same seed, same numbers: CPU runs are
+    bitwise reproducible (the compat layer seeds nerfstudio's ray workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(seed: int) -> dict[str, Any]:
+        result = run(dataclasses.replace(s, seed=seed), log=lambda m: log(f"[seed {seed}] {m}"))
+        log(f"[seed {seed}] done")
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(one, seeds))
+    summary: dict[str, Any] = {"seeds": seeds, "per_seed": results}
+    for name in ("base", *METHODS):
+        if name not in results[0]:
+            continue
+        keys = [k for k, v in results[0][name].items() if isinstance(v, (int, float))]
+        values = {k: np.array([r[name][k] for r in results], dtype=float) for k in keys}
+        summary[name] = _rounded({k: float(v.mean()) for k, v in values.items()})
+        summary[name]["std"] = _rounded({k: float(v.std()) for k, v in values.items()})
+    summary["identity_check"] = results[0]["identity_check"]
+    return summary
+
+
+def _cell(r: dict[str, Any], key: str, digits: int, scale: float = 1.0, unit: str = "") -> str:
+    """``r[key]`` formatted, with `` ± spread`` when ``r`` is a mean over seeds."""
+    text = f"{scale * r[key]:.{digits}f}{unit}"
+    return text + (f" ± {scale * r['std'][key]:.{digits}f}{unit}" if "std" in r else "")
+
+
 def table(result: dict[str, Any]) -> str:
-    """Markdown table of the result."""
+    """Markdown table of the result (of one seed, or mean ± spread over seeds)."""
     rows = [
         "| run | PSNR to ideal (dB) | held-out | target acc. | colour progress | stripes kept "
         "| depth change | time (s) |",
@@ -455,15 +488,16 @@ def table(result: dict[str, Any]) -> str:
         if name not in result:
             continue
         r = result[name]
-        depth = f"{100 * r['depth_change']:.1f} %" if "depth_change" in r else "—"
+        depth = _cell(r, "depth_change", 1, 100, " %") if "depth_change" in r else "—"
         rows.append(
-            f"| {'base (no edit)' if name == 'base' else name.upper()} | {r['psnr_to_ideal']:.2f} | "
-            f"{r['psnr_to_ideal_eval']:.2f} | {r['target_accuracy']:.3f} | {r['colour_progress']:.2f} | "
-            f"{r['stripe_accuracy']:.3f} | {depth} | {r['seconds']:.0f} |"
+            f"| {'base (no edit)' if name == 'base' else name.upper()} | {_cell(r, 'psnr_to_ideal', 2)} | "
+            f"{_cell(r, 'psnr_to_ideal_eval', 2)} | {_cell(r, 'target_accuracy', 3)} | "
+            f"{_cell(r, 'colour_progress', 2)} | {_cell(r, 'stripe_accuracy', 3)} | {depth} | {r['seconds']:.0f} |"
         )
     base = result["base"]
+    seeds = f"mean ± std over seeds {result['seeds']}; " if "seeds" in result else ""
     rows.append(
-        f"base: PSNR to the source {base['psnr_to_source']:.2f} dB, depth error "
+        f"{seeds}base: PSNR to the source {base['psnr_to_source']:.2f} dB, depth error "
         f"{100 * base['depth_error']:.1f} % of the object size; identity check {result['identity_check']}"
     )
     return "\n".join(rows)
@@ -481,6 +515,16 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (scene, prior, runs)")
     parser.add_argument("--json", action="store_true", help="last line: the result as one JSON object")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run once per seed; report mean ± std (overrides --seed)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="with --seeds: seeds run at once (one thread each)"
+    )
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(Settings)}
     values["methods"] = tuple(values["methods"])
@@ -490,7 +534,11 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     s, args = parse(argv)
     start = time.perf_counter()
-    result = run(s, args.workdir, args.keep, log=lambda m: print(m, file=sys.stderr, flush=True))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.seeds:
+        result = over_seeds(s, args.seeds, args.jobs, log)
+    else:
+        result = run(s, args.workdir, args.keep, log=log)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result) if args.json else f"{table(result)}\n{result['seconds']} s in all")
     return result

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
+from nerfstudio_distill.data.edit_datamanager import EditDataManagerConfig
 from nerfstudio_distill.data.prior_sets import write_exact_prior_set
 from nerfstudio_distill.guidance.common import GuidanceOutput
 from nerfstudio_distill.guidance.config import GuidanceConfig
@@ -219,16 +223,26 @@ def test_mismatched_checkpoint_names_what_differs():
     one_line(err, "[24, 32] in the checkpoint but [12, 32] here", "a missing", "b unexpected", "same --data")
 
 
-def trainer_config(load_dir, data: Path) -> DistillTrainerConfig:
-    return DistillTrainerConfig(method_name="pds-edit", require_load_dir=True, load_dir=load_dir, data=data)
+def trainer_config(load_dir, data: Path, **changes) -> DistillTrainerConfig:
+    config = DistillTrainerConfig(method_name="pds-edit", require_load_dir=True, load_dir=load_dir, data=data)
+    config.pipeline.datamanager = EditDataManagerConfig(dataparser=NerfstudioDataParserConfig())
+    return dataclasses.replace(config, **changes)
 
 
-def fake_run(tmp_path: Path, method: str, data: Path) -> Path:
+def fake_run(tmp_path: Path, method: str, data: Path, transform: dict | None = None) -> Path:
+    """A run folder with a small checkpoint, config.yml and (optionally) dataparser_transforms.json."""
     run = tmp_path / method / "run"
     (run / "nerfstudio_models").mkdir(parents=True)
-    (run / "nerfstudio_models" / "step-000000010.ckpt").write_bytes(b"")
+    torch.save({"step": 10, "pipeline": {}}, run / "nerfstudio_models" / "step-000000010.ckpt")
     (run / "config.yml").write_text(yaml.dump(DistillTrainerConfig(method_name=method, data=data)))
+    if transform is not None:
+        (run / "dataparser_transforms.json").write_text(json.dumps(transform))
     return run / "nerfstudio_models"
+
+
+def dataparser_transform(scene: Path) -> dict:
+    outputs = NerfstudioDataParserConfig(data=scene).setup().get_dataparser_outputs("train")
+    return {"transform": outputs.dataparser_transform.tolist(), "scale": float(outputs.dataparser_scale)}
 
 
 @pytest.mark.parametrize(
@@ -238,23 +252,32 @@ def fake_run(tmp_path: Path, method: str, data: Path) -> Path:
         ("missing", "does not exist"),
         ("empty", "no step-*.ckpt"),
         ("other-method", "is a splatfacto run"),
-        ("other-scene", "pass the same --data"),
+        ("other-scene", "other cameras than --data"),
     ],
 )
-def test_load_dir_problems_are_one_line(tmp_path, case, needle):
-    data = tmp_path / "scene"
+def test_load_dir_problems_are_one_line(tmp_path, tiny_scene, case, needle):
+    shifted = {"transform": [[1.0, 0, 0, 0.5], [0, 1.0, 0, 0], [0, 0, 1.0, 0]], "scale": 0.3}
     load_dir = {
         "none": None,
         "missing": tmp_path / "nope",
         "empty": tmp_path,
-        "other-method": fake_run(tmp_path, "splatfacto", data),
-        "other-scene": fake_run(tmp_path, "nerfacto", tmp_path / "another-scene"),
+        "other-method": fake_run(tmp_path, "splatfacto", tiny_scene),
+        "other-scene": fake_run(tmp_path, "nerfacto", tmp_path / "another-scene", shifted),
     }[case]
     with pytest.raises(DistillError) as err:
-        check_load_dir(trainer_config(load_dir, data))
+        check_load_dir(trainer_config(load_dir, tiny_scene))
     one_line(err, needle)
 
 
-def test_matching_base_run_is_accepted(tmp_path):
-    data = tmp_path / "scene"
-    assert check_load_dir(trainer_config(fake_run(tmp_path, "nerfacto", data), data)) == "nerfacto"
+def test_matching_base_run_is_accepted(tmp_path, tiny_scene):
+    plan = check_load_dir(trainer_config(fake_run(tmp_path, "nerfacto", tiny_scene), tiny_scene))
+    assert plan.source == "nerfacto" and not plan.resume
+
+
+def test_moved_dataset_is_accepted(tmp_path, tiny_scene):
+    """The base trained on a folder that has since moved: the same cameras are accepted (#12)."""
+    moved = tmp_path / "moved" / "ball"
+    shutil.copytree(tiny_scene, moved)
+    base = fake_run(tmp_path, "nerfacto", tmp_path / "old-place", dataparser_transform(tiny_scene))
+    plan = check_load_dir(trainer_config(base, moved))
+    assert plan.source == "nerfacto" and not plan.resume

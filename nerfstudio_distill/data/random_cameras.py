@@ -37,7 +37,7 @@ from nerfstudio.data.scene_box import SceneBox
 from torch import Tensor
 
 from nerfstudio_distill.data.scene import look_at
-from nerfstudio_distill.pipelines.trainer import DistillError
+from nerfstudio_distill.errors import DistillError
 
 FLAG = "--pipeline.datamanager."
 

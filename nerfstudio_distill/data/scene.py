@@ -36,6 +36,8 @@ import numpy as np
 from jaxtyping import Bool, Float, UInt8
 from PIL import Image
 
+from nerfstudio_distill.errors import SceneError
+
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.10, 0.10),
     "green": (0.10, 0.70, 0.20),
@@ -66,10 +68,6 @@ MAX_RADIUS = 60.0  # keeps depth in millimetres inside uint16
 BOUNDING_RADIUS = math.sqrt(3.0)  # the box's corners; the sphere is smaller
 LABEL_BACKGROUND, LABEL_PRIMARY, LABEL_SECONDARY = 0, 1, 2
 SCENE_FORMAT = "nerfstudio-distill-scene"
-
-
-class SceneError(ValueError):
-    """Invalid scene or camera input; the message is one line that says how to fix it."""
 
 
 def _check_name(kind: str, value: str, valid: Sequence[str], flag: str) -> None:

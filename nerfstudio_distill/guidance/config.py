@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance.common import GuidanceOutput, TimestepSchedule
 from nerfstudio_distill.guidance.dds import dds
 from nerfstudio_distill.guidance.pds import pds
@@ -59,6 +62,36 @@ class GuidanceConfig:
     """SDI: CFG scale during inversion (SDI paper: −7.5)."""
     inversion_eta: float = 0.0
     """SDI: stochasticity added to each inversion step (0: deterministic DDIM)."""
+
+    def check(self) -> None:
+        """One-line errors (a warning for a negative CFG scale) for options no run can use."""
+        flag = "--pipeline.guidance."
+        for name in ("guidance_scale", "psi_scale", "chi_scale", "inversion_guidance_scale", "inversion_eta"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise DistillError(f"{flag}{name.replace('_', '-')} is {value}: pass a finite number")
+        for name in ("psi_scale", "chi_scale", "inversion_eta"):
+            if getattr(self, name) < 0:
+                raise DistillError(
+                    f"{flag}{name.replace('_', '-')} is {getattr(self, name)}: pass 0 or more (0 switches the term off)"
+                )
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise DistillError(
+                f"{flag}grad-clip is {self.grad_clip}: pass a positive bound, or None for no clipping"
+            )
+        if self.num_grid_steps < 2:
+            raise DistillError(
+                f"{flag}num-grid-steps is {self.num_grid_steps}: pass 2 or more (published: 500)"
+            )
+        if self.num_inversion_steps < 1:
+            raise DistillError(f"{flag}num-inversion-steps is {self.num_inversion_steps}: pass 1 or more")
+        if self.guidance_scale < 0:
+            warnings.warn(
+                f"{flag}guidance-scale is {self.guidance_scale}: a negative CFG scale pushes renders away from "
+                "the prompt; pass a positive scale (1 disables CFG) unless that is what you want",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def sample_t(self, prior: Prior, batch: int, progress: float, generator=None) -> Int[Tensor, " B"]:
         """t for this step: uniform in the (annealed) range; for PDS snapped to its grid past point 0."""

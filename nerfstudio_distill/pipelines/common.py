@@ -21,7 +21,7 @@ from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
 from nerfstudio.models.base_model import Model
 from torch import Tensor
 
-from nerfstudio_distill.pipelines.trainer import DistillError
+from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.priors.base import Prior, PriorInputError
 from nerfstudio_distill.priors.config import PriorConfig
 
@@ -85,28 +85,36 @@ def nerfacto_regularizers(model: Model, outputs: dict[str, Any]) -> dict[str, Te
     }
 
 
-def to_prior(image: Float[Tensor, "*batch H W C"], size: int | None) -> Float[Tensor, "B 3 h w"]:
+def prior_size(height: int, width: int, size: int | None, multiple: int = 1) -> tuple[int, int]:
+    """Size of an ``height x width`` render at the prior's input: short side scaled to ``size`` (None: as
+    it is), then each side rounded to a multiple of ``multiple`` (SD's VAE needs 8)."""
+    if size is not None and min(height, width) != size:
+        factor = size / min(height, width)
+        height, width = round(height * factor), round(width * factor)
+    return tuple(max(multiple, round(side / multiple) * multiple) for side in (height, width))
+
+
+def to_prior(
+    image: Float[Tensor, "*batch H W C"], size: int | None, multiple: int = 1
+) -> Float[Tensor, "B 3 h w"]:
     """Renders (``H x W x C`` or ``B x H x W x C``) to the prior's input: RGB in [0, 1], channels first,
-    short side resized bilinearly to ``size`` (None: as they are)."""
+    resized bilinearly to :func:`prior_size` (not at all when that is their size)."""
     x = image[..., :3].clamp(0, 1)
     x = (x[None] if x.ndim == 3 else x).permute(0, 3, 1, 2)
-    if size is not None and min(x.shape[-2:]) != size:
-        h, w = x.shape[-2:]
-        factor = size / min(h, w)
-        x = F.interpolate(
-            x, size=(round(h * factor), round(w * factor)), mode="bilinear", align_corners=False
-        )
+    target = prior_size(*x.shape[-2:], size, multiple)
+    if target != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
     return x
 
 
-def is_finite_or_warn(grad: Tensor, step: int) -> bool:
-    """False (with a RuntimeWarning naming the step) when the guidance gradient has NaN/Inf."""
-    if torch.isfinite(grad).all():
-        return True
-    warnings.warn(
-        f"step {step}: the guidance gradient has NaN/Inf; step skipped", RuntimeWarning, stacklevel=3
-    )
-    return False
+def first_non_finite(named: dict[str, Tensor]) -> str | None:
+    """Name of the first tensor in ``named`` with a NaN/Inf, else None."""
+    return next((name for name, value in named.items() if not torch.isfinite(value).all()), None)
+
+
+def grads_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient accumulated in ``module`` is finite."""
+    return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
 def live_prompt(prior: Prior, typed: str, current: str, prompts_of: Callable[[str], list[str]]) -> str:
@@ -130,7 +138,20 @@ def live_prompt(prior: Prior, typed: str, current: str, prompts_of: Callable[[st
 
 class TrainingPrior:
     """Pipeline mixin: the diffusion prior, built only when training (``ns-train``; never by ``ns-export``
-    or ``ns-viewer``) and kept outside the module tree, so its weights never enter checkpoints."""
+    or ``ns-viewer``) and kept outside the module tree, so its weights never enter checkpoints; and the
+    skipping of a step whose render, gradient or loss is not finite (:meth:`skip_step`)."""
+
+    skip_reason: str | None = None
+    """Why the last step was skipped (None: it was not); DistillTrainer counts skipped steps."""
+
+    def skip_step(self, step: int, reason: str, outputs: dict[str, Any], metrics: dict[str, Any]):
+        """Drop this step's gradients and return a zero loss, with a RuntimeWarning naming step and reason."""
+        for p in self.parameters():
+            p.grad = None
+        self.skip_reason = reason
+        warnings.warn(f"step {step}: {reason}; step skipped", RuntimeWarning, stacklevel=3)
+        zero = torch.zeros((), device=self.device, requires_grad=True)
+        return outputs, {"guidance": zero}, metrics
 
     def _setup_prior(self, config: PriorConfig, device: str, training: bool) -> None:
         self.__dict__["_prior"] = config.setup(device=str(device)) if training else None

@@ -16,6 +16,7 @@ the module tree, so its weights never enter checkpoints.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,25 +25,29 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.models.nerfacto import NerfactoModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 from torch import Tensor, nn
 
 from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
+from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
     backward_in_chunks,
-    is_finite_or_warn,
+    first_non_finite,
+    grads_finite,
     live_prompt,
     nerfacto_regularizers,
+    prior_size,
     render_in_chunks,
     to_prior,
 )
-from nerfstudio_distill.pipelines.trainer import DistillError
+from nerfstudio_distill.pipelines.trainer import dataparser_outputs
 from nerfstudio_distill.priors.config import PriorConfig
 
 
@@ -91,6 +96,10 @@ class EditPipelineConfig(VanillaPipelineConfig):
     seed: int = 0
     """Seed of the view, crop, timestep and noise draws."""
 
+    def check(self, trainer: TrainerConfig) -> None:
+        """Called by DistillTrainer before anything is written: see :func:`check_edit`."""
+        check_edit(self, trainer)
+
 
 class DistillationPanel(nn.Module):
     """Controls in the viewer's "Distillation" folder (the attribute name is the folder label)."""
@@ -128,6 +137,8 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         self.register_buffer("edit_start_step", torch.tensor(-1, dtype=torch.long))
         self.Distillation = DistillationPanel(config)
         self._setup_prior(config.prior, device, training)
+        if training:  # the prior knows its prompts (the exact prior refuses unknown ones)
+            self.prior.embed([config.target_prompt.strip(), config.source_prompt.strip()])
         self._source_latents: dict[int, Tensor] = {}
         self._num_steps = 1
         self._refine_started = False
@@ -192,14 +203,22 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         panel.prompt_in_use.value = self._prompt
         panel.t.value = str(out.t.tolist())
         panel.loss.value = f"{float(out.grad_norm):.4g}"
-        if not is_finite_or_warn(out.grad, step):
-            return outputs, {"guidance": image.sum() * 0.0}, metrics
+        if not torch.isfinite(image).all():
+            return self.skip_step(step, "the render has NaN/Inf (the field has diverged)", outputs, metrics)
+        if not torch.isfinite(out.grad).all():
+            return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
 
         loss = out.loss.to(image.device) * self.config.guidance_weight
         if single_pass:
-            return outputs, {"guidance": loss, **self._regularizers(outputs)}, metrics
+            losses = {"guidance": loss, **self._regularizers(outputs)}
+            bad = first_non_finite(losses)
+            if bad is not None:
+                return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
+            return outputs, losses, metrics
         (grad_image,) = torch.autograd.grad(loss, image)
         self._backward_in_chunks(rays, grad_image)
+        if not grads_finite(self.model):
+            return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
         return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
 
     def _view(
@@ -232,7 +251,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
 
     def _to_prior(self, image: Float[Tensor, "H W 3"]) -> Float[Tensor, "1 3 h w"]:
         """Render (or source image) to the prior's input: channels first, resized to prior_resolution."""
-        return to_prior(image, self.config.prior_resolution)
+        return to_prior(image, self.config.prior_resolution, self.prior.size_multiple)
 
     def _source(self, index: int, crop: tuple[int, int, int, int] | None, scale: float) -> Tensor:
         """Latents of view ``index``'s original image, cut like the render; cached for whole views."""
@@ -262,7 +281,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         k = self._stage_step(step) - (self._num_steps - self.config.refine_steps)
         if k % self.config.refine_every == 0:
             index = (k // self.config.refine_every) % views
-            render = self._render_view(index)
+            render = self._render_view(index, self.config.render_scale)  # the size the edit gave the prior
             rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
             with torch.no_grad(), torch.autocast(device_type=render.device.type, enabled=False):
                 latents = self.prior.encode(self._to_prior(render))
@@ -278,13 +297,14 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
                     generator=rng,
                 )
                 image = self.prior.decode(edited)
-            image = F.interpolate(image, size=render.shape[:2], mode="bilinear", align_corners=False)
+            size = self.datamanager.source_image(index).shape[:2]
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
             self.datamanager.replace_train_image(index, image[0].permute(1, 2, 0))
         return super().get_train_loss_dict(step)
 
-    def _render_view(self, index: int) -> Float[Tensor, "H W 3"]:
+    def _render_view(self, index: int, scale: float = 1.0) -> Float[Tensor, "H W 3"]:
         with torch.no_grad():
-            return self._render(self.datamanager.view_rays(index), with_grad=False)["rgb"].clamp(0, 1)
+            return self._render(self.datamanager.view_rays(index, scale), with_grad=False)["rgb"].clamp(0, 1)
 
     # ------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict, strict: bool | None = None):
@@ -304,6 +324,90 @@ def check_prompts(config: EditPipelineConfig) -> None:
             "unchanged (a valid no-op check)",
             UserWarning,
             stacklevel=2,
+        )
+
+
+def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
+    """One-line errors for an edit's options, its dataset and (exact prior) its prompts and sizes."""
+    check_prompts(config)
+    config.guidance.check()
+    flag = "--pipeline."
+    for name, value in [("render_scale", config.render_scale), ("guidance_weight", config.guidance_weight)]:
+        if not math.isfinite(value):
+            raise DistillError(f"{flag}{name.replace('_', '-')} is {value}: pass a finite number")
+    if not config.render_scale > 0:
+        raise DistillError(
+            f"{flag}render-scale is {config.render_scale}: pass a fraction > 0 of the view size (0.5: half "
+            "width and height)"
+        )
+    minimums = [
+        ("crop_size", config.crop_size, 1, "a crop side in pixels, or None for whole views"),
+        ("chunk_size", config.chunk_size, 1, "a number of rays per chunk (default 16384)"),
+        ("prior_resolution", config.prior_resolution, 1, "a side in pixels (SD 1.5: 512), or None"),
+        ("refine_steps", config.refine_steps, 0, "0 (no refinement) or more steps"),
+        ("refine_every", config.refine_every, 1, "1 or more steps"),
+        ("refine_denoise_steps", config.refine_denoise_steps, 1, "1 or more DDIM steps"),
+    ]
+    for name, value, least, what in minimums:
+        if value is not None and value < least:
+            raise DistillError(f"{flag}{name.replace('_', '-')} is {value}: pass {what}")
+    if not 0 < config.refine_strength <= 1:
+        raise DistillError(
+            f"{flag}refine-strength is {config.refine_strength}: pass a fraction of T in (0, 1] (default 0.3)"
+        )
+    if config.refine_steps >= trainer.max_num_iterations:
+        raise DistillError(
+            f"{flag}refine-steps {config.refine_steps} leaves no edit steps in a run of --max-num-iterations "
+            f"{trainer.max_num_iterations}: pass fewer refinement steps, or more iterations"
+        )
+    outputs = dataparser_outputs(trainer)
+    if outputs is None:
+        raise DistillError(
+            "an edit needs the scene's dataset: pass --data (the folder the base run trained on)"
+        )
+    if config.prior.kind == "exact":
+        check_exact_prior(config, outputs.cameras)
+
+
+def check_exact_prior(config: EditPipelineConfig, cameras) -> None:
+    """The exact prior must know the prompts, and each render must reach it at its images' size."""
+    exact = config.prior.exact
+    prompts = list(exact.folders())
+    for name in ("target_prompt", "source_prompt"):
+        prompt = getattr(config, name).strip()
+        if prompt and prompt not in prompts:
+            raise DistillError(
+                f"--pipeline.{name.replace('_', '-')} {prompt!r} is not a prompt of the exact prior, which "
+                f"knows {', '.join(map(repr, prompts))}: pass one of them"
+            )
+    want = exact.image_size()
+    scale = config.render_scale
+    for height, width in sorted(
+        {(int(h), int(w)) for h, w in zip(cameras.height.flatten(), cameras.width.flatten(), strict=True)}
+    ):
+        h, w = int(height * scale), int(width * scale)
+        if min(h, w) < 1:
+            raise DistillError(
+                f"--pipeline.render-scale {scale:g} renders the {height}x{width} views at {h}x{w} pixels: pass a "
+                "larger scale"
+            )
+        if config.crop_size is not None and config.crop_size < min(h, w):
+            h = w = config.crop_size
+        got = prior_size(h, w, config.prior_resolution)
+        if got == want:
+            continue
+        if config.prior_resolution is not None:
+            fix = "pass --pipeline.prior-resolution None (the exact prior takes renders at their own size)"
+        elif config.crop_size is not None and config.crop_size < min(int(height * scale), int(width * scale)):
+            fix = "pass --pipeline.crop-size None, or write the prior set at the crop size"
+        else:
+            fix = (
+                f"pass --pipeline.render-scale {want[0] / height:g}, or write the prior set with "
+                f"write_exact_prior_set(..., scale={scale:g})"
+            )
+        raise DistillError(
+            f"the exact prior's images are {want[0]}x{want[1]} but the {height}x{width} views reach it at "
+            f"{got[0]}x{got[1]}: {fix}"
         )
 
 

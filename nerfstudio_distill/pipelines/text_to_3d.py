@@ -15,6 +15,7 @@ skips the step with a warning; configuration errors are one line (``error: ...``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,18 +26,24 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerSlider, ViewerText
 from torch import Tensor, nn
 
-from nerfstudio_distill.data.random_cameras import RandomCameras, RandomCamerasConfig, RandomViews
+from nerfstudio_distill.data.random_cameras import (
+    RandomCameras,
+    RandomCamerasConfig,
+    RandomViews,
+    check_camera_config,
+)
+from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.models.text_to_3d import TextTo3DModel, TextTo3DModelConfig
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
     backward_in_chunks,
-    is_finite_or_warn,
+    first_non_finite,
+    grads_finite,
     live_prompt,
     render_in_chunks,
     to_prior,
 )
-from nerfstudio_distill.pipelines.trainer import DistillError
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
 
@@ -77,6 +84,11 @@ class TextTo3DPipelineConfig(VanillaPipelineConfig):
     """Multiplier of the guidance gradient on the renders."""
     seed: int = 0
     """Seed of the camera, shading, timestep and noise draws."""
+
+    def check(self, trainer: Any) -> None:
+        """Called by DistillTrainer before anything is written."""
+        check_text_to_3d(self)
+        check_camera_config(self.datamanager)
 
 
 def view_name(
@@ -194,7 +206,9 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         progress = 0.0 if self._num_steps is None else min(max(step / self._num_steps, 0.0), 1.0)
 
         with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
-            latents = self.prior.encode(to_prior(image.float(), self.config.prior_resolution))
+            latents = self.prior.encode(
+                to_prior(image.float(), self.config.prior_resolution, self.prior.size_multiple)
+            )
             loss, grads, ts = torch.zeros((), device=image.device), [], []
             for p in dict.fromkeys(prompts):
                 index = torch.tensor([i for i, q in enumerate(prompts) if q == p])
@@ -213,12 +227,18 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         panel.t.value = str(t.tolist())
         panel.loss.value = f"{float(metrics['guidance_grad_norm']):.4g}"
         panel.views.value = "; ".join(dict.fromkeys(prompts))
-        if not is_finite_or_warn(grad, step):
-            return outputs, {"guidance": image.sum() * 0.0}, metrics
+        if not torch.isfinite(image).all():
+            return self.skip_step(step, "the render has NaN/Inf (the field has diverged)", outputs, metrics)
+        if not torch.isfinite(grad).all():
+            return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
 
         loss = loss * self.config.guidance_weight
         if single_pass:
-            return outputs, {"guidance": loss, **self.model.regularizers(outputs)}, metrics
+            losses = {"guidance": loss, **self.model.regularizers(outputs)}
+            bad = first_non_finite(losses)
+            if bad is not None:
+                return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
+            return outputs, losses, metrics
         (grad_image,) = torch.autograd.grad(loss, image)
         backward_in_chunks(
             self.model,
@@ -229,6 +249,8 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             self.grad_scaler,
             output="train_rgb",
         )
+        if not grads_finite(self.model):
+            return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
         return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
 
     # ------------------------------------------------------------ evaluation
@@ -265,6 +287,12 @@ def check_text_to_3d(config: TextTo3DPipelineConfig) -> None:
     """One-line errors for the settings of a text-to-3D run (before anything is built)."""
     if not config.prompt.strip():
         raise DistillError('text-to-3D needs a prompt: pass --pipeline.prompt "a ripe pineapple"')
+    config.guidance.check()
+    for name, value in [("chunk_size", config.chunk_size), ("prior_resolution", config.prior_resolution)]:
+        if value is not None and value < 1:
+            raise DistillError(f"--pipeline.{name.replace('_', '-')} is {value}: pass 1 or more")
+    if not math.isfinite(config.guidance_weight):
+        raise DistillError(f"--pipeline.guidance-weight is {config.guidance_weight}: pass a finite number")
     if config.guidance.method not in ("sds", "sdi"):
         raise DistillError(
             f"--pipeline.guidance.method {config.guidance.method} needs a source image; text-to-3D has none: "

@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from nerfstudio_distill.errors import PriorInputError
 
-class PriorInputError(ValueError):
-    """Bad input to a prior. The message is one line that names the fix."""
+__all__ = ["Prior", "PriorInputError", "classifier_free_guidance", "scaled_linear_betas"]
 
 
 def classifier_free_guidance(
@@ -56,6 +56,8 @@ class Prior(nn.Module, abc.ABC):
     """Default classifier-free guidance scale when a call gives none."""
     steps_offset: int
     """Offset added to DDIM grids, as in the model's scheduler config (SD: 1)."""
+    size_multiple: int = 1
+    """Image sides must be multiples of this (SD: 8, its VAE's downsampling factor)."""
 
     def __init__(self, betas: Float[Tensor, " T"], guidance_scale: float, steps_offset: int = 1) -> None:
         super().__init__()

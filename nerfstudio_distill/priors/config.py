@@ -35,9 +35,8 @@ class ExactPriorConfig:
     device: str | None = None
     """Device of the image set; None: the NeRF's device."""
 
-    def setup(self, device: str | None = None) -> Prior:
-        from nerfstudio_distill.priors.exact import ExactPrior
-
+    def folders(self) -> dict[str, Path]:
+        """prompt -> its image folder, from exact_prior.json; one line if the set is missing or empty."""
         if self.folder is None:
             raise PriorLoadError(
                 "the exact prior needs an image set: pass --pipeline.prior.exact.folder DIR (a folder with "
@@ -49,8 +48,35 @@ class ExactPriorConfig:
                 f"{index_file} not found: point --pipeline.prior.exact.folder at a folder written by "
                 "nerfstudio_distill.data.prior_sets (it holds exact_prior.json)"
             )
-        index = json.loads(index_file.read_text())
-        folders = {prompt: Path(self.folder) / sub for prompt, sub in index["prompts"].items()}
+        try:
+            prompts = json.loads(index_file.read_text())["prompts"]
+            folders = {str(prompt): Path(self.folder) / sub for prompt, sub in prompts.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PriorLoadError(
+                f"{index_file} is not an exact-prior index ({type(e).__name__}): it must hold "
+                '{"prompts": {"<prompt>": "<subfolder>"}}; rewrite it with nerfstudio_distill.data.prior_sets'
+            ) from None
+        for prompt, folder in folders.items():
+            if not any(folder.glob("*.png")):
+                raise PriorLoadError(
+                    f"the exact prior's folder {folder} for {prompt!r} holds no *.png: fill it, or remove the "
+                    f"prompt from {index_file}"
+                )
+        return folders
+
+    def image_size(self) -> tuple[int, int]:
+        """Height and width of the set's images (read from the first file's header)."""
+        from PIL import Image
+
+        first = sorted(next(iter(self.folders().values())).glob("*.png"))[0]
+        with Image.open(first) as im:
+            return im.height, im.width
+
+    def setup(self, device: str | None = None) -> Prior:
+        from nerfstudio_distill.priors.exact import ExactPrior
+
+        folders = self.folders()
+        index = json.loads((Path(self.folder) / EXACT_PRIOR_FILE).read_text())
         sigma = self.sigma if self.sigma is not None else float(index.get("sigma", 0.0))
         prior = ExactPrior.from_folders(folders, sigma=sigma)
         return prior.to(self.device or device or "cpu")

@@ -82,8 +82,7 @@ class ExactPrior(Prior):
         its prompt. Images load as float in [0, 1], ``3 x H x W`` (alpha dropped, grey expanded to RGB),
         and must all share one size. ``kwargs`` go to the constructor (``sigma``, ``guidance_scale``, ...).
         """
-        import numpy as np
-        from PIL import Image
+        from nerfstudio_distill.data.images import read_rgb
 
         images, labels, first = [], [], None
         for prompt, folder in folders.items():
@@ -94,9 +93,7 @@ class ExactPrior(Prior):
                     f"no *.png files in {str(folder)!r} for prompt {prompt!r}: check the folder path"
                 )
             for file in files:
-                with Image.open(file) as im:
-                    array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-                image = torch.from_numpy(array).permute(2, 0, 1)
+                image = torch.from_numpy(read_rgb(file)).permute(2, 0, 1)
                 if first is None:
                     first = (file, image.shape)
                 elif image.shape != first[1]:

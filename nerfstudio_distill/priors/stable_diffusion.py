@@ -17,18 +17,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .base import Prior, PriorInputError
+from nerfstudio_distill.errors import PriorInputError, PriorLoadError, one_line
+
+from .base import Prior
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-
-class PriorLoadError(RuntimeError):
-    """A prior's weights or libraries could not be loaded. The message is one line that names the fix."""
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or "no message"
-    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def import_diffusers() -> tuple[Any, Any]:
@@ -38,7 +31,7 @@ def import_diffusers() -> tuple[Any, Any]:
         import transformers
     except Exception as e:  # ImportError, but also broken installs raising anything at import time
         raise PriorLoadError(
-            f"the Stable Diffusion prior needs diffusers and transformers ({_one_line(e)}): "
+            f"the Stable Diffusion prior needs diffusers and transformers ({one_line(e)}): "
             "pip install 'diffusers>=0.30' transformers"
         ) from e
     return diffusers, transformers
@@ -94,11 +87,11 @@ class StableDiffusionPriorConfig:
         return StableDiffusionPrior(self)
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "on", "yes", "true"}
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """Whether ``model`` is meant as a filesystem path rather than a hub id ("org/name")."""
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
 
@@ -122,21 +115,27 @@ class StableDiffusionPrior(Prior):
         diffusers, transformers = import_diffusers()
         model = os.path.expanduser(config.model)
         local = os.path.isdir(model)
-        if not local and _looks_like_path(config.model):
+        if not local and looks_like_path(config.model):
             raise PriorLoadError(
                 f"model folder {config.model!r} does not exist or is not a folder: set {MODEL_FLAGS} to a "
                 "folder holding unet/ vae/ text_encoder/ tokenizer/ scheduler/, or to a hub id"
             )
-        offline = config.local_files_only or _hub_offline()
+        offline = config.local_files_only or hub_offline()
 
         def load(cls: Any, subfolder: str, **kwargs: Any) -> Any:
             try:
                 return cls.from_pretrained(model, subfolder=subfolder, local_files_only=offline, **kwargs)
             # OSError, huggingface_hub errors, ValueError, ...: all mean "not loadable from there".
             except Exception as e:
-                where = "the local folder" if local else "the local cache" if offline else "the hub or cache"
+                if local:  # a folder: no download hint (it is not a hub id)
+                    raise PriorLoadError(
+                        f"could not load {subfolder}/ of the folder {config.model!r} ({one_line(e, 120)}): set "
+                        f"{MODEL_FLAGS} to a diffusers pipeline folder (model_index.json, unet/, vae/, "
+                        "text_encoder/, tokenizer/, scheduler/, as save_pretrained writes it), or to a hub id"
+                    ) from e
+                where = "the local cache" if offline else "the hub or cache"
                 raise PriorLoadError(
-                    f"could not load {subfolder}/ of {config.model!r} from {where} ({_one_line(e, 120)}): "
+                    f"could not load {subfolder}/ of {config.model!r} from {where} ({one_line(e, 120)}): "
                     f"set {MODEL_FLAGS} to a local diffusers folder, or download once online "
                     f"(e.g. hf download {config.model}) and then run with HF_HUB_OFFLINE=1"
                 ) from e
@@ -232,6 +231,7 @@ class StableDiffusionPrior(Prior):
             self.vae.to(memory_format=torch.channels_last)
         self.to(device)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale_factor
         """Spatial downsampling of the VAE (8 for SD): image sizes must be multiples of it."""
 
     # ------------------------------------------------------------------- images

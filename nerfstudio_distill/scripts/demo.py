@@ -29,6 +29,7 @@ from pathlib import Path
 import tyro
 
 from nerfstudio_distill.data.scene import COLOURS, CameraSpec, SceneSpec, generate_scene
+from nerfstudio_distill.errors import DemoError
 
 PATTERN_WORDS = {"striped": "stripes", "checkered": "checker", "plain": "none"}
 SHAPE_WORDS = {"ball": "sphere", "sphere": "sphere", "box": "box", "cube": "box"}
@@ -47,10 +48,6 @@ FIELD = [
     "--pipeline.model.background-color", "black",  # the scene's background
     "--pipeline.model.camera-optimizer.mode", "off",
 ]  # fmt: skip
-
-
-class DemoError(ValueError):
-    """Bad demo input; one line that names the fix."""
 
 
 @dataclass

@@ -26,18 +26,15 @@ from jaxtyping import Float, UInt8
 from PIL import Image
 from torch import Tensor
 
+from nerfstudio_distill.data.images import read_rgb
+from nerfstudio_distill.errors import Distill2DError, DistillError, exit_message
 from nerfstudio_distill.guidance.common import GuidanceOutput
 from nerfstudio_distill.guidance.config import GuidanceConfig
-from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
-from nerfstudio_distill.priors.stable_diffusion import PriorLoadError
 
 OUTPUT_FILES = ("result.png", "strip.png", "distill_2d.json")
 """What ``--output-dir`` receives."""
-
-
-class Distill2DError(ValueError):
-    """Bad input to ``ns-distill-2d``; one line that names the fix."""
 
 
 @dataclass
@@ -129,8 +126,7 @@ def load_image(path: Path, view: int = 0) -> Float[Tensor, "1 3 H W"]:
                 f"frame {view} of the dataset, {path}, does not exist: check transforms.json"
             )
     try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        array = read_rgb(path)
     except (UnidentifiedImageError, OSError) as e:
         raise Distill2DError(
             f"--image {path} is not an image that PIL can read ({type(e).__name__}): pass a PNG or JPEG "
@@ -321,8 +317,8 @@ def entrypoint() -> None:
     try:
         args = tyro.cli(Distill2DArgs, prog="ns-distill-2d")
         paths = main(args)
-    except (Distill2DError, PriorInputError, PriorLoadError) as err:
-        raise SystemExit(f"error: {str(err).replace('--pipeline.', '--')}") from None
+    except DistillError as err:
+        raise SystemExit(exit_message(err, flag_prefix="--")) from None
     r = json.loads(paths["distill_2d"].read_text())["readouts"]
     print(f"wrote {paths['result']} and {paths['strip']} (final grad norm {r['grad_norm']:.4g}, "
           f"RMS change {r['rms_change']:.3f})")  # fmt: skip

@@ -30,17 +30,14 @@ import torch.nn.functional as F
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
-from nerfstudio_distill.priors.stable_diffusion import _hub_offline, _looks_like_path, _one_line
+from nerfstudio_distill.errors import EvalError, exit_message, one_line
+from nerfstudio_distill.priors.stable_diffusion import hub_offline, looks_like_path
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 OUTPUT_NAME = "distill_eval.json"
 
 Images = Sequence[UInt8[np.ndarray, "H W 3"]]
 """RGB images, uint8, one array per view (sizes may differ between views)."""
-
-
-class EvalError(ValueError):
-    """Bad input to ``ns-distill-eval``; one line that names the fix."""
 
 
 @dataclass
@@ -135,22 +132,22 @@ def load_clip(name: str, device: str | None = None) -> Clip:
     try:
         from transformers import CLIPModel, CLIPProcessor
     except Exception as e:
-        raise EvalError(f"CLIP needs transformers ({_one_line(e)}): pip install transformers") from e
+        raise EvalError(f"CLIP needs transformers ({one_line(e)}): pip install transformers") from e
     path = os.path.expanduser(name)
     local = os.path.isdir(path)
-    if not local and _looks_like_path(name):
+    if not local and looks_like_path(name):
         raise EvalError(
             f"--clip-model folder {name!r} does not exist: pass a folder holding a CLIPModel and its "
             f"CLIPProcessor (save_pretrained), or a hub id such as {DEFAULT_CLIP!r}"
         )
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         model = CLIPModel.from_pretrained(path if local else name, local_files_only=offline)
         processor = CLIPProcessor.from_pretrained(path if local else name, local_files_only=offline)
     except Exception as e:  # OSError, hub errors, ValueError, ...: all mean "not loadable from there"
         where = "the local folder" if local else "the local cache" if offline else "the hub or cache"
         raise EvalError(
-            f"could not load CLIP model {name!r} from {where} ({_one_line(e, 120)}): pass --clip-model a "
+            f"could not load CLIP model {name!r} from {where} ({one_line(e, 120)}): pass --clip-model a "
             "local folder (CLIPModel + CLIPProcessor saved with save_pretrained), or download it once online "
             f"(hf download {name}) and run with HF_HUB_OFFLINE=1"
         ) from e
@@ -205,7 +202,7 @@ def load_run(path: Path, flag: str) -> tuple[Path, Any]:
         data = config.pipeline.datamanager.data or config.pipeline.datamanager.dataparser.data
     except Exception as e:
         raise EvalError(
-            f"{flag} {config_path} is not a nerfstudio run config ({_one_line(e, 120)}): pass the "
+            f"{flag} {config_path} is not a nerfstudio run config ({one_line(e, 120)}): pass the "
             "config.yml that ns-train wrote"
         ) from e
     if not any(Path(checkpoints).glob("step-*.ckpt")):
@@ -319,7 +316,7 @@ def entrypoint() -> None:
     try:
         result, output = main(args)
     except EvalError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(exit_message(err)) from None
     print(
         f"CLIP score {result['clip_score']['mean']:.4f} (source {result['clip_score_source']['mean']:.4f}), "
         f"directional similarity {result['clip_directional_similarity']['mean']:.4f} over "
