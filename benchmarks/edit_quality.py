@@ -71,6 +71,9 @@ import numpy as np
 from jaxtyping import Bool, Float
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also when run as a script
+from seeds import mean_and_spread  # noqa: E402
+
 from nerfstudio_distill.data.prior_sets import PATTERN_VARIANTS, write_exact_prior_set
 from nerfstudio_distill.data.scene import (
     COLOURS,
@@ -459,14 +462,8 @@ def over_seeds(s: Settings, seeds: list[int], jobs: int, log: Any = print) -> di
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = list(pool.map(one, seeds))
-    summary: dict[str, Any] = {"seeds": seeds, "per_seed": results}
-    for name in ("base", *METHODS):
-        if name not in results[0]:
-            continue
-        keys = [k for k, v in results[0][name].items() if isinstance(v, (int, float))]
-        values = {k: np.array([r[name][k] for r in results], dtype=float) for k in keys}
-        summary[name] = _rounded({k: float(v.mean()) for k, v in values.items()})
-        summary[name]["std"] = _rounded({k: float(v.std()) for k, v in values.items()})
+    names = [name for name in ("base", *METHODS) if name in results[0]]
+    summary: dict[str, Any] = {"seeds": seeds, "per_seed": results, **mean_and_spread(results, names)}
     summary["identity_check"] = results[0]["identity_check"]
     return summary
 

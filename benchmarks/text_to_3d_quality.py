@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -35,6 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also when run as a script
+from seeds import mean_and_spread  # noqa: E402
 
 from nerfstudio_distill.data.scene import (
     CameraSpec,
@@ -366,15 +370,35 @@ def main() -> None:
     parser.add_argument(
         "--pictures", type=Path, default=None, help="write text_to_3d.gif and text_to_3d.png here"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run once per seed; report mean ± std (overrides --seed)",
+    )
     args = vars(parser.parse_args())
-    as_json, pictures = args.pop("json"), args.pop("pictures")
+    as_json, pictures, seeds = args.pop("json"), args.pop("pictures"), args.pop("seeds")
     settings = Settings(**args)
-    results = run(settings, pictures=pictures)
-    print(f"{'method':10s} {'PSNR dB':>8s} {'mask IoU':>9s} {'depth err':>10s} {'seconds':>8s}")
-    for method, r in results.items():
-        print(
-            f"{method:10s} {r['psnr']:8.2f} {r['mask_iou']:9.3f} {r['depth_error']:10.3f} {r['seconds']:8.1f}"
-        )
+    if seeds:
+        per_seed = [
+            run(replace(settings, seed=seed), pictures=pictures if i == 0 else None)
+            for i, seed in enumerate(seeds)
+        ]
+        results = {"seeds": seeds, "per_seed": per_seed, **mean_and_spread(per_seed, list(per_seed[0]))}
+        names = list(per_seed[0])
+    else:
+        results, names = run(settings, pictures=pictures), None
+    print(f"{'method':10s} {'PSNR dB':>14s} {'mask IoU':>14s} {'depth err':>14s} {'seconds':>8s}")
+    for method in names or list(results):
+        r = results[method]
+        sd = r.get("std")
+        cells = [
+            f"{r[k]:.3f}" + (f" ± {sd[k]:.3f}" if sd else "") for k in ("psnr", "mask_iou", "depth_error")
+        ]
+        print(f"{method:10s} {cells[0]:>14s} {cells[1]:>14s} {cells[2]:>14s} {r['seconds']:8.1f}")
+    if seeds:
+        print(f"mean ± std over seeds {seeds}")
     if as_json:
         print(json.dumps(results))
 
