@@ -263,6 +263,7 @@ def check_args(args: Distill2DArgs) -> None:
         raise Distill2DError(f"--num-snapshots {args.num_snapshots}: use at least 1")
     if args.resolution is not None and args.resolution < 8:
         raise Distill2DError(f"--resolution {args.resolution}: use at least 8, or None for the image's size")
+    args.guidance.check()  # non-finite CFG/psi/chi, bad counts (flags shown as --guidance.*)
 
 
 def main(args: Distill2DArgs) -> dict[str, Path]:
