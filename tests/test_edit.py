@@ -90,6 +90,34 @@ def test_step_moves_the_field_not_the_cameras(pipeline):
     assert torch.isfinite(metrics["guidance_grad_norm"]) and metrics["psi"] > 0
 
 
+@pytest.mark.parametrize("appearance", ["mean", "per-image"])
+def test_the_edit_renders_with_the_viewers_appearance(tiny_scene, prior_set, appearance):
+    """#16: with "mean", a training render of a view equals what the viewer shows (the embeddings' mean),
+    whatever the view's index, and the embeddings get no gradient; "per-image" is nerfacto's behaviour."""
+    config = edit_config(tiny_scene, prior_set)
+    config.model.edit_appearance = appearance
+    pipe = config.setup(device="cpu", test_mode="val", grad_scaler=None)
+    pipe.start_edit(0, 10)
+    embedding = pipe.model.field.embedding_appearance
+    with torch.no_grad():
+        embedding.embedding.weight.normal_()  # distinct embeddings, as after a base run
+    rays = pipe.datamanager.view_rays(0)[20:22, 20:24]
+    other = rays._apply_fn_to_fields(lambda x: x)
+    other.camera_indices = torch.full_like(rays.camera_indices, 5)
+    pipe.model.train()
+    first, second = (pipe.model(r.flatten())["rgb"] for r in (rays, other))
+    pipe.model.eval()
+    viewer = pipe.model(rays.flatten())["rgb"]
+    pipe.model.train()
+    if appearance == "mean":
+        assert torch.allclose(first, second) and torch.allclose(first, viewer, atol=1e-6)
+        _, losses, _ = pipe.get_train_loss_dict(step=0)
+        sum(losses.values()).backward()
+        assert embedding.embedding.weight.grad is None
+    else:
+        assert not torch.allclose(first, second)
+
+
 def test_prior_is_not_in_the_checkpoint(pipeline):
     keys = pipeline.state_dict().keys()
     assert not any("points" in k or "prior" in k for k in keys)
