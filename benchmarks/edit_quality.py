@@ -129,6 +129,9 @@ class Settings:
     """Highest t of the edit, as a fraction of T."""
     psi_scale: float = 1.0
     """PDS factor on ψ(t) (1 = the paper's coefficients)."""
+    appearance: str = "mean"
+    """``--pipeline.model.edit-appearance`` of the edits: "mean" (the default: renders use the frozen mean
+    appearance embedding, as the viewer) or "per-image" (nerfacto's per-view trainable embeddings)."""
     sigma: float = 0.0
     """Std of the exact prior's Gaussian around each image (0: memorise the sets)."""
     rays_per_batch: int = 1024
@@ -260,6 +263,7 @@ def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
         "--pipeline.guidance.timesteps.min-fraction", str(s.t_min),
         "--pipeline.guidance.timesteps.max-fraction", str(s.t_max),
         "--pipeline.guidance.psi-scale", str(s.psi_scale),
+        "--pipeline.model.edit-appearance", s.appearance,
         "--pipeline.seed", str(s.seed),
         "--optimizers.fields.optimizer.lr", str(s.lr),
         "--steps-per-save", "1000000",  # the trainer still saves the last step

@@ -188,3 +188,114 @@ def test_bad_input_exits_non_zero_with_one_stderr_line(tmp_path):
         "dataset folder with transforms.json"
     ]
     assert not (tmp_path / "distill_2d").exists()
+
+
+# ----------------------------------------------------------------------------------------------- --sweep
+def test_sweep_writes_a_contact_sheet_and_one_cell_per_setting(ball, tmp_path, monkeypatch, capsys):
+    scene, prior, _ = ball
+    out = tmp_path / "out"
+    sweeps = ["--sweep", "psi-scale=0,1", "--sweep", "guidance-scale=1,7.5"]
+    run_entrypoint(
+        monkeypatch, cli_args(scene, prior, out, "--steps", "150", "--guidance.inversion-eta", "0.1", *sweeps)
+    )
+    assert capsys.readouterr().out.startswith(f"wrote {out / 'sweep.png'} and {out / 'sweep.json'} (4 edits;")
+    assert sorted(p.name for p in out.iterdir()) == sorted(distill_2d.SWEEP_FILES)
+
+    # sheet: input tile, row labels, 2x2 grid of 128 px tiles (32 px upscaled x4)
+    gap, band, tile = distill_2d.GAP, distill_2d.LABEL_BAND, 128
+    gutter = max(distill_2d.text_width(f"psi-scale={v}") for v in (0, 1)) + gap
+    sheet = np.asarray(Image.open(out / "sweep.png").convert("RGB"))
+    assert sheet.shape == (band + 2 * (tile + gap), 2 * gap + tile + gutter + 2 * (tile + gap), 3)
+    image = (load_image(scene, VIEW)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(
+        sheet[band : band + tile, gap : gap + tile], image.repeat(4, 0).repeat(4, 1)
+    )
+
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["sweeps"] == [
+        {"name": "psi-scale", "values": [0.0, 1.0]},
+        {"name": "guidance-scale", "values": [1.0, 7.5]},
+    ]
+    cells = report["cells"]
+    assert [(c["row"], c["column"]) for c in cells] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    base = report["settings"]["guidance"]
+    for cell in cells:
+        psi, cfg = cell["values"]["psi-scale"], cell["values"]["guidance-scale"]
+        assert cell["label"] == f"psi-scale={psi:g}, guidance-scale={cfg:g}"
+        assert cell["guidance"] == {**base, "psi_scale": psi, "guidance_scale": cfg}  # nothing else differs
+        assert cell["guidance"]["inversion_eta"] == 0.1  # the non-swept --guidance options reach every cell
+        assert {"psi", "chi", "rms_change"} <= set(cell["readouts"])
+    rms_change = {
+        (c["values"]["psi-scale"], c["values"]["guidance-scale"]): c["readouts"]["rms_change"] for c in cells
+    }
+    for cfg in (1.0, 7.5):  # without the identity term the edit moves the image further
+        assert rms_change[0.0, cfg] > 1.2 * rms_change[1.0, cfg] > 0, rms_change
+
+
+def test_one_sweep_is_one_row_and_can_vary_the_method(ball, tmp_path):
+    scene, prior, _ = ball
+    args = distill_2d.Distill2DArgs(
+        image=scene,
+        view=VIEW,
+        target_prompt=TARGET,
+        source_prompt=SOURCE,
+        prior=PriorConfig(kind="exact", exact=ExactPriorConfig(folder=prior)),
+        output_dir=tmp_path / "out",
+        steps=4,
+        sweep=("method=dds,pds",),
+    )
+    paths = distill_2d.main(args)
+    sheet = Image.open(paths["sweep"])
+    gap, band = distill_2d.GAP, distill_2d.LABEL_BAND
+    assert sheet.size == (2 * gap + 128 + 2 * (128 + gap), band + 128 + gap)  # no row labels
+    cells = json.loads(paths["sweep_json"].read_text())["cells"]
+    assert [c["guidance"]["method"] for c in cells] == ["dds", "pds"]
+    assert ["psi" in c["readouts"] for c in cells] == [False, True]
+
+
+def test_sweep_sets_timesteps_together():
+    base = GuidanceConfig(timesteps=TimestepSchedule(min_fraction=0.02, max_fraction=0.98))
+    sweeps = distill_2d.parse_sweeps(("timesteps.min-fraction=0.99", "guidance.timesteps.max_fraction=0.995"))
+    [[cell]] = distill_2d.sweep_grid(base, sweeps)  # min 0.99 > the base's max 0.98 until both are set
+    assert cell.guidance.timesteps == TimestepSchedule(min_fraction=0.99, max_fraction=0.995)
+    assert base.timesteps.max_fraction == 0.98
+
+
+@pytest.mark.parametrize(
+    "sweeps, needles",
+    [
+        (["lr=0.1,0.2"], ["--sweep lr=0.1,0.2", "NAME=V1,V2,...", "psi-scale"]),
+        (["psi-scale"], ["NAME=V1,V2,..."]),
+        (["psi-scale="], ["empty value", "psi-scale=0.25,0.5,1"]),
+        (["psi-scale=0.5,,1"], ["empty value"]),
+        (["guidance-scale=7.5,high"], ["must be numbers"]),
+        (["method=pds,nerf"], ["'nerf' is not a method", "sds, sdi, dds, pds"]),
+        (["psi-scale=0,1", "chi-scale=1,2", "guidance-scale=7.5"], ["given 3 times", "at most 2"]),
+        (["psi-scale=0,1", "psi-scale=0.5"], ["psi-scale is given twice"]),
+        (["psi-scale=0,.1,.2,.3,.4,.5,1", "guidance-scale=1,2,4,8,16,32"], ["7x6 grid of 42", "at most 36"]),
+        (["psi-scale=0.5,-1"], ["--sweep cell psi-scale=-1:", "--guidance.psi-scale", "0 or more"]),
+        (["guidance-scale=7.5,nan"], ["guidance-scale=nan", "finite"]),
+        (["timesteps.max-fraction=0.5,1.5"], ["timesteps.max-fraction=1.5", "min_fraction <= max_fraction"]),
+    ],
+)
+def test_bad_sweep_is_one_line_and_writes_nothing(ball, tmp_path, monkeypatch, sweeps, needles):
+    scene, prior, _ = ball
+    out = tmp_path / "out"
+    args = cli_args(scene, prior, out, *(arg for sweep in sweeps for arg in ("--sweep", sweep)))
+    with pytest.raises(SystemExit) as exit_info:
+        run_entrypoint(monkeypatch, args)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    assert not out.exists()
+
+
+def test_sweep_keeps_the_output_dir_rule(ball, tmp_path, monkeypatch):
+    scene, prior, _ = ball
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.png").write_text("keep me")
+    with pytest.raises(SystemExit, match="not empty: pass --overwrite"):
+        run_entrypoint(monkeypatch, cli_args(scene, prior, out, "--sweep", "psi-scale=0,1"))
+    assert (out / "sweep.png").read_text() == "keep me"

@@ -7,6 +7,9 @@ with Stable Diffusion on a GPU it is the quick way to tune prompts, CFG and PDS'
 
     ns-distill-2d --image photo.png --target-prompt "a photo of a man in a suit" \
         --source-prompt "a photo of a man" --guidance.method pds --output-dir tune/suit
+
+``--sweep NAME=V1,V2,...`` (once or twice) runs one such edit per value (per pair of values) of guidance
+options and writes a contact sheet of the grid (sweep.png) and each cell's readouts (sweep.json).
 """
 
 from __future__ import annotations
@@ -14,32 +17,48 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tyro
 from jaxtyping import Float, UInt8
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from nerfstudio_distill.data.images import read_rgb
 from nerfstudio_distill.errors import Distill2DError, DistillError, exit_message
 from nerfstudio_distill.guidance.common import GuidanceOutput
-from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.config import METHODS, GuidanceConfig
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
 
 OUTPUT_FILES = ("result.png", "strip.png", "distill_2d.json")
 """What ``--output-dir`` receives."""
+SWEEP_FILES = ("sweep.png", "sweep.json")
+"""What ``--output-dir`` receives with ``--sweep``."""
+SWEEP_OPTIONS: dict[str, tuple[str, ...]] = {
+    "guidance-scale": ("guidance_scale",),
+    "psi-scale": ("psi_scale",),
+    "chi-scale": ("chi_scale",),
+    "timesteps.min-fraction": ("timesteps", "min_fraction"),
+    "timesteps.max-fraction": ("timesteps", "max_fraction"),
+    "method": ("method",),
+}
+"""Guidance options ``--sweep`` can vary (named as after ``--guidance.``) and their GuidanceConfig fields."""
+MAX_SWEEPS, MAX_SWEEP_CELLS = 2, 36
+"""At most two swept options (rows, columns) and this many cells in the grid."""
 
 
 @dataclass
 class Distill2DArgs:
-    """Optimise one image with sds, sdi, dds or pds and write result.png, strip.png and distill_2d.json."""
+    """Optimise one image with sds, sdi, dds or pds and write result.png, strip.png and distill_2d.json (with
+    --sweep: one edit per grid cell, written as sweep.png and sweep.json)."""
 
     image: Path
     """An image file (PNG, JPEG, ...), or a nerfstudio dataset folder (with transforms.json) whose frame
@@ -52,9 +71,10 @@ class Distill2DArgs:
     view: int = 0
     """With a dataset folder: index of the frame in transforms.json's "frames" list."""
     output_dir: Path = Path("distill_2d")
-    """Folder for result.png, strip.png and distill_2d.json; must be missing or empty unless --overwrite."""
+    """Folder for result.png, strip.png and distill_2d.json (with --sweep: sweep.png and sweep.json); must
+    be missing or empty unless --overwrite."""
     overwrite: bool = False
-    """Write into a non-empty --output-dir (only the three output files are replaced)."""
+    """Write into a non-empty --output-dir (only the output files are replaced)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     """Which distillation gradient (--guidance.method sds|sdi|dds|pds), CFG, timesteps and ψ/χ, exactly
     as --pipeline.guidance.* of the 3D methods."""
@@ -80,6 +100,11 @@ class Distill2DArgs:
     """Seed of the timesteps and noise of every step."""
     device: str | None = None
     """Device of the prior and the image; None: "cuda" when available, else "cpu"."""
+    sweep: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """NAME=V1,V2,...: run one edit per value of a --guidance option (psi-scale, chi-scale, guidance-scale,
+    timesteps.min-fraction, timesteps.max-fraction, method) and write a contact sheet, sweep.png, and
+    sweep.json instead of the usual outputs. Give it twice for a grid (first option down the rows, second
+    across the columns; at most 36 cells). Every cell has the same image, prior, seed, steps and lr."""
 
 
 @dataclass
@@ -231,6 +256,116 @@ def distill_image(
     return Distill2DResult(image=result, snapshots=snapshots, readouts=info)
 
 
+# ----------------------------------------------------------------------------------------------- sweep
+@dataclass(frozen=True)
+class Sweep:
+    """One ``--sweep``: a guidance option and the values it takes."""
+
+    name: str
+    """The option as after --guidance., dashed (a key of :data:`SWEEP_OPTIONS`)."""
+    values: tuple[float | str, ...]
+    """Its values, in the order given (strings for ``method``)."""
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One cell of the grid: the swept values and the guidance they give."""
+
+    values: dict[str, float | str]
+    """Swept option -> value, rows' option first."""
+    guidance: GuidanceConfig
+    """--guidance with those values set."""
+
+    @property
+    def label(self) -> str:
+        return ", ".join(option_label(name, value) for name, value in self.values.items())
+
+
+def option_label(name: str, value: float | str) -> str:
+    """``psi-scale=0.5``: how sweep.png and the messages name a value."""
+    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+
+
+def parse_sweep(text: str) -> Sweep:
+    """``NAME=V1,V2,...`` -> :class:`Sweep`; NAME may also be written ``guidance.psi_scale``."""
+    name, equals, listed = text.partition("=")
+    name = name.strip().removeprefix("--").removeprefix("guidance.").replace("_", "-")
+    if not equals or name not in SWEEP_OPTIONS:
+        raise Distill2DError(
+            f"--sweep {text}: use NAME=V1,V2,... with NAME one of {', '.join(SWEEP_OPTIONS)}, "
+            "e.g. --sweep psi-scale=0.25,0.5,1"
+        )
+    example = "sds,dds,pds" if name == "method" else "0.25,0.5,1"
+    items = [item.strip() for item in listed.split(",")]
+    if not all(items):
+        raise Distill2DError(
+            f"--sweep {text}: an empty value; give comma-separated values, e.g. {name}={example}"
+        )
+    if name == "method":
+        wrong = [item for item in items if item not in METHODS]
+        if wrong:
+            raise Distill2DError(f"--sweep {text}: {wrong[0]!r} is not a method; use {', '.join(METHODS)}")
+        return Sweep(name, tuple(items))
+    try:
+        return Sweep(name, tuple(float(item) for item in items))
+    except ValueError:
+        raise Distill2DError(f"--sweep {text}: the values must be numbers, e.g. {name}={example}") from None
+
+
+def parse_sweeps(texts: tuple[str, ...]) -> list[Sweep]:
+    """Every ``--sweep``, checked as a whole: at most two options, each once, at most 36 cells."""
+    if len(texts) > MAX_SWEEPS:
+        raise Distill2DError(
+            f"--sweep is given {len(texts)} times: a sheet is a grid of at most {MAX_SWEEPS} options "
+            "(rows, columns); drop the others"
+        )
+    sweeps = [parse_sweep(text) for text in texts]
+    if len(sweeps) == 2 and sweeps[0].name == sweeps[1].name:
+        raise Distill2DError(
+            f"--sweep {sweeps[0].name} is given twice: list all its values in one --sweep {sweeps[0].name}=..."
+        )
+    cells = math.prod(len(sweep.values) for sweep in sweeps)
+    if cells > MAX_SWEEP_CELLS:
+        shape = "x".join(str(len(sweep.values)) for sweep in sweeps)
+        raise Distill2DError(
+            f"--sweep gives a {shape} grid of {cells} edits: use at most {MAX_SWEEP_CELLS}, with fewer values"
+        )
+    return sweeps
+
+
+def with_values(guidance: GuidanceConfig, values: dict[str, float | str]) -> GuidanceConfig:
+    """``guidance`` with the swept ``values`` set (all timesteps fields in one replace), then checked."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        path = SWEEP_OPTIONS[name]
+        if len(path) == 1:
+            top[path[0]] = value
+        else:
+            nested.setdefault(path[0], {})[path[1]] = value
+    label = ", ".join(option_label(name, value) for name, value in values.items())
+    try:
+        for group, fields in nested.items():
+            top[group] = dataclasses.replace(getattr(guidance, group), **fields)
+        config = dataclasses.replace(guidance, **top)
+        config.check()
+    except ValueError as err:  # DistillError of check(), and TimestepSchedule's range errors
+        raise Distill2DError(f"--sweep cell {label}: {err}") from None
+    return config
+
+
+def sweep_grid(guidance: GuidanceConfig, sweeps: list[Sweep]) -> list[list[SweepCell]]:
+    """The grid's cells, rows by columns, every one checked: one sweep is one row; with two, the first
+    runs down the rows and the second across the columns."""
+    *row_sweeps, column_sweep = sweeps
+    rows = [{sweep.name: value} for sweep in row_sweeps for value in sweep.values] or [{}]
+    grid = []
+    for row in rows:
+        cells = [{**row, column_sweep.name: value} for value in column_sweep.values]
+        grid.append([SweepCell(values, with_values(guidance, values)) for values in cells])
+    return grid
+
+
 # ---------------------------------------------------------------------------------------------- output
 def to_uint8(image: Float[Tensor, "3 H W"]) -> UInt8[np.ndarray, "H W 3"]:
     return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
@@ -242,6 +377,61 @@ def strip(snapshots: list[tuple[int, Float[Tensor, "3 H W"]]], min_height: int =
     factor = max(1, math.ceil(min_height / row.shape[0]))
     picture = Image.fromarray(row)
     return picture.resize((row.shape[1] * factor, row.shape[0] * factor), Image.NEAREST)
+
+
+GAP = 4
+"""Pixels between the tiles of sweep.png, and around them."""
+LABEL_BAND = 20
+"""Height in pixels of sweep.png's top band, which holds the column labels."""
+
+
+def text_width(text: str) -> int:
+    """Width in pixels of ``text`` in PIL's default font (0 for no text)."""
+    return math.ceil(ImageFont.load_default().getbbox(text)[2]) if text else 0
+
+
+def upscaled(image: Float[Tensor, "3 H W"], min_height: int) -> Image.Image:
+    """``image`` upscaled (nearest, by a whole factor) to at least ``min_height`` pixels."""
+    factor = max(1, math.ceil(min_height / image.shape[-2]))
+    height, width = image.shape[-2:]
+    return Image.fromarray(to_uint8(image)).resize((width * factor, height * factor), Image.NEAREST)
+
+
+def contact_sheet(
+    image: Float[Tensor, "3 H W"],
+    results: list[list[Float[Tensor, "3 H W"]]],
+    row_labels: list[str],
+    column_labels: list[str],
+    min_height: int = 128,
+) -> Image.Image:
+    """The input tile (labelled "input"), then the row labels, then the grid of ``results`` under the column
+    labels; tiles upscaled as in :func:`strip`, on white with :data:`GAP` pixels between them."""
+    tile = upscaled(image, min_height)
+    column = max(tile.width, *(text_width(label) + GAP for label in [*column_labels, "input"]))
+    gutter = max(text_width(label) for label in row_labels)
+    gutter += GAP if gutter else 0
+    left = 2 * GAP + column + gutter  # x of the grid's first column
+    size = (left + len(column_labels) * (column + GAP), LABEL_BAND + len(row_labels) * (tile.height + GAP))
+    sheet = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+
+    def place(picture: Image.Image, x: int, y: int, label: str | None = None) -> None:
+        sheet.paste(picture, (x + (column - picture.width) // 2, y))
+        if label is not None:
+            draw.text((x + (column - text_width(label)) // 2, GAP), label, fill="black", font=font)
+
+    place(tile, GAP, LABEL_BAND, "input")
+    for i, (row_label, row) in enumerate(zip(row_labels, results, strict=True)):
+        y = LABEL_BAND + i * (tile.height + GAP)
+        draw.text(
+            (left - GAP - text_width(row_label), y + tile.height // 2 - 6), row_label, fill="black", font=font
+        )
+        for j, (column_label, result) in enumerate(zip(column_labels, row, strict=True)):
+            place(
+                upscaled(result, min_height), left + j * (column + GAP), y, column_label if i == 0 else None
+            )
+    return sheet
 
 
 def check_output_dir(folder: Path, overwrite: bool) -> None:
@@ -264,43 +454,48 @@ def check_args(args: Distill2DArgs) -> None:
     if args.resolution is not None and args.resolution < 8:
         raise Distill2DError(f"--resolution {args.resolution}: use at least 8, or None for the image's size")
     args.guidance.check()  # non-finite CFG/psi/chi, bad counts (flags shown as --guidance.*)
+    if args.sweep:
+        sweep_grid(args.guidance, parse_sweeps(args.sweep))  # checks every cell's options
 
 
-def main(args: Distill2DArgs) -> dict[str, Path]:
-    """Check everything, load the image and the prior, optimise, write the outputs; returns their paths."""
-    check_args(args)
-    check_output_dir(args.output_dir, args.overwrite)
-    image = load_image(args.image, args.view)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prior = args.prior.setup(device)
-    x = prior_input(image, prior, args.resolution)
-    prior.embed([args.target_prompt, args.source_prompt])  # unknown prompts fail here, before any step
+def settings_of(args: Distill2DArgs) -> dict[str, Any]:
+    """``args`` as JSON-ready data, with only the prior in use."""
+    settings = dataclasses.asdict(args)
+    kind = "exact" if args.prior.kind == "exact" else "stable_diffusion"
+    settings["prior"] = {"kind": args.prior.kind, kind: settings["prior"][kind]}
+    return settings
+
+
+def run_edit(
+    args: Distill2DArgs, prior: Prior, x: Float[Tensor, "1 3 h w"], guidance: GuidanceConfig, snapshots: int
+) -> tuple[Distill2DResult, float]:
+    """:func:`distill_image` with the options of ``args`` and ``guidance``; returns (result, seconds)."""
     start = time.time()
     result = distill_image(
         prior,
         x,
-        args.guidance,
+        guidance,
         args.target_prompt,
         args.source_prompt,
         steps=args.steps,
         lr=args.lr,
         optimizer=args.optimizer,
         optimize=args.optimize,
-        num_snapshots=args.num_snapshots,
+        num_snapshots=snapshots,
         seed=args.seed,
     )
-    seconds = time.time() - start
+    return result, time.time() - start
 
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name.split(".")[0]: out / name for name in OUTPUT_FILES}
+
+def write_single(args: Distill2DArgs, prior: Prior, x: Float[Tensor, "1 3 h w"]) -> dict[str, Path]:
+    """One edit: result.png, strip.png and distill_2d.json."""
+    result, seconds = run_edit(args, prior, x, args.guidance, args.num_snapshots)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name.split(".")[0]: args.output_dir / name for name in OUTPUT_FILES}
     Image.fromarray(to_uint8(result.image)).save(paths["result"])
     strip(result.snapshots).save(paths["strip"])
-    settings = dataclasses.asdict(args)
-    kind = "exact" if args.prior.kind == "exact" else "stable_diffusion"
-    settings["prior"] = {"kind": args.prior.kind, kind: settings["prior"][kind]}  # only the one in use
     report = {
-        "settings": settings,
+        "settings": settings_of(args),
         "input_size": list(x.shape[-2:]),
         "snapshot_steps": [step for step, _ in result.snapshots],
         "readouts": result.readouts,
@@ -311,18 +506,72 @@ def main(args: Distill2DArgs) -> dict[str, Path]:
     return paths
 
 
+def write_sweep(args: Distill2DArgs, prior: Prior, x: Float[Tensor, "1 3 h w"]) -> dict[str, Path]:
+    """One edit per cell of the --sweep grid: sweep.png and sweep.json (each cell's guidance and readouts)."""
+    sweeps = parse_sweeps(args.sweep)
+    grid = sweep_grid(args.guidance, sweeps)
+    results, cells = [], []
+    for i, row in enumerate(grid):
+        results.append([])
+        for j, cell in enumerate(row):
+            result, seconds = run_edit(args, prior, x, cell.guidance, 1)
+            results[-1].append(result.image)
+            cells.append({"row": i, "column": j, "label": cell.label, "values": cell.values})
+            cells[-1].update(guidance=dataclasses.asdict(cell.guidance), readouts=result.readouts)
+            cells[-1]["seconds"] = round(seconds, 2)
+            print(f"cell {len(cells)}/{len(grid) * len(row)} {cell.label}: RMS change "
+                  f"{result.readouts['rms_change']:.3f} ({seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    rows = [option_label(sweeps[0].name, v) for v in sweeps[0].values] if len(sweeps) == 2 else [""]
+    columns = [option_label(sweeps[-1].name, v) for v in sweeps[-1].values]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"sweep": args.output_dir / SWEEP_FILES[0], "sweep_json": args.output_dir / SWEEP_FILES[1]}
+    contact_sheet(x[0].cpu(), results, rows, columns).save(paths["sweep"])
+    report = {
+        "settings": settings_of(args),
+        "sweeps": [{"name": sweep.name, "values": list(sweep.values)} for sweep in sweeps],
+        "input_size": list(x.shape[-2:]),
+        "cells": cells,
+        "seconds": round(sum(cell["seconds"] for cell in cells), 2),
+        "device": str(prior.device),
+    }
+    paths["sweep_json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return paths
+
+
+def main(args: Distill2DArgs) -> dict[str, Path]:
+    """Check everything, load the image and the prior (once), optimise, write the outputs; returns their
+    paths (keys result, strip, distill_2d; with --sweep: sweep, sweep_json)."""
+    check_args(args)
+    check_output_dir(args.output_dir, args.overwrite)
+    image = load_image(args.image, args.view)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prior = args.prior.setup(device)
+    x = prior_input(image, prior, args.resolution)
+    prior.embed([args.target_prompt, args.source_prompt])  # unknown prompts fail here, before any step
+    return write_sweep(args, prior, x) if args.sweep else write_single(args, prior, x)
+
+
+def summary(paths: dict[str, Path]) -> str:
+    """The line printed after a run: what was written and the final readouts."""
+    if "sweep" in paths:
+        cells = json.loads(paths["sweep_json"].read_text())["cells"]
+        low, high = (f(cells, key=lambda c: c["readouts"]["rms_change"]) for f in (min, max))
+        return (f"wrote {paths['sweep']} and {paths['sweep_json']} ({len(cells)} edits; RMS change "
+                f"{low['readouts']['rms_change']:.3f} at {low['label']} to {high['readouts']['rms_change']:.3f} "
+                f"at {high['label']})")  # fmt: skip
+    r = json.loads(paths["distill_2d"].read_text())["readouts"]
+    return (f"wrote {paths['result']} and {paths['strip']} (final grad norm {r['grad_norm']:.4g}, "
+            f"RMS change {r['rms_change']:.3f})")  # fmt: skip
+
+
 def entrypoint() -> None:
     """``ns-distill-2d``: parse the command line, run, report bad input in one ``error:`` line."""
-    import tyro
-
     try:
         args = tyro.cli(Distill2DArgs, prog="ns-distill-2d")
         paths = main(args)
     except DistillError as err:
         raise SystemExit(exit_message(err, flag_prefix="--")) from None
-    r = json.loads(paths["distill_2d"].read_text())["readouts"]
-    print(f"wrote {paths['result']} and {paths['strip']} (final grad norm {r['grad_norm']:.4g}, "
-          f"RMS change {r['rms_change']:.3f})")  # fmt: skip
+    print(summary(paths))
 
 
 if __name__ == "__main__":
