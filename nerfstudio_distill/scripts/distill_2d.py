@@ -51,6 +51,15 @@ SWEEP_OPTIONS: dict[str, tuple[str, ...]] = {
     "method": ("method",),
 }
 """Guidance options ``--sweep`` can vary (named as after ``--guidance.``) and their GuidanceConfig fields."""
+SWEEP_EXAMPLES = {
+    "guidance-scale": "7.5,30,100",
+    "psi-scale": "0.25,0.5,1",
+    "chi-scale": "0.5,1,2",
+    "timesteps.min-fraction": "0.02,0.2,0.4",
+    "timesteps.max-fraction": "0.5,0.75,0.98",
+    "method": "dds,pds",
+}
+"""Values of each swept option that the error messages suggest."""
 MAX_SWEEPS, MAX_SWEEP_CELLS = 2, 36
 """At most two swept options (rows, columns) and this many cells in the grid."""
 
@@ -295,7 +304,7 @@ def parse_sweep(text: str) -> Sweep:
             f"--sweep {text}: use NAME=V1,V2,... with NAME one of {', '.join(SWEEP_OPTIONS)}, "
             "e.g. --sweep psi-scale=0.25,0.5,1"
         )
-    example = "sds,dds,pds" if name == "method" else "0.25,0.5,1"
+    example = SWEEP_EXAMPLES[name]
     items = [item.strip() for item in listed.split(",")]
     if not all(items):
         raise Distill2DError(
