@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nerfstudio_distill.guidance import dds, pds, sds
+from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.priors.exact import ExactPrior
 
 METHODS = ("sds", "dds", "pds")
@@ -52,6 +53,9 @@ class Settings:
     """Classifier-free guidance scale of every method."""
     psi_scale: float = 1.0
     """PDS factor on ψ(t), the identity-preservation term (1 = the reference coefficients)."""
+    pds_rule: str = GuidanceConfig().pds_rule
+    """PDS rule: "reference" (published) or "balanced" (conditional edit term, orthogonal identity term);
+    default: pds-edit's."""
     lr: float = 0.05
     """Peak step size of plain gradient descent."""
     lr_schedule: str = "cosine"
@@ -120,7 +124,16 @@ def gradient(
         return dds(prior, x, x_src, TGT, SRC, t=t, noise=noise, guidance_scale=s.cfg).grad
     if method == "pds":
         return pds(
-            prior, x, x_src, TGT, SRC, t=t, noise=noise, guidance_scale=s.cfg, psi_scale=s.psi_scale
+            prior,
+            x,
+            x_src,
+            TGT,
+            SRC,
+            t=t,
+            noise=noise,
+            guidance_scale=s.cfg,
+            psi_scale=s.psi_scale,
+            rule=s.pds_rule,
         ).grad
     raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
 

@@ -21,6 +21,16 @@ N-step DDIM grid (as the reference code does). Taking the difference, ε and ε'
 so this module computes the explicit form and never draws ε'. PDS stresses that "the ratio of the
 time-varying weights of the two terms matters for the quality"; ``psi_scale`` / ``chi_scale``
 expose that ratio.
+
+``rule="balanced"`` changes two things, so that no ratio needs tuning (the fixed-point analysis is in
+the README's 2D toy section):
+- the edit term uses the conditional noise predictions only, scaled by the CFG scale s:
+  s · (ε̂(x_t, y_tgt) − ε̂(x_t^src, y_src)). CFG's remaining part, (1 − s)(ε̂(x_t, ∅) − ε̂(x_t^src, ∅)),
+  grows with the edit itself and pushes past the target (DDS "strays too far"); it is dropped, which
+  also halves the network batch;
+- the identity term ψ(t)(x0 − x0_src) loses its component along the edit term (per sample), so it
+  holds every change the prompt does not ask for and no longer pulls the edit back (the undershoot of
+  the reference ψ).
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ from nerfstudio_distill.priors.base import Prior, PriorInputError
 
 PDS_SCHEDULES = ("reference", "consecutive")
 """Valid values of ``schedule`` in :func:`pds`."""
+PDS_RULES = ("reference", "balanced")
+"""Valid values of ``rule`` in :func:`pds` (module docstring)."""
 
 
 def pds_timesteps(
@@ -106,6 +118,16 @@ def pds_coefficients(
     return psi, chi
 
 
+def along(
+    v: Float[Tensor, " B *latent"], direction: Float[Tensor, " B *latent"]
+) -> Float[Tensor, " B *latent"]:
+    """The component of each sample of ``v`` along the same sample of ``direction`` (0 where it is 0)."""
+    flat_v, flat_d = v.flatten(1), direction.flatten(1)
+    norm2 = flat_d.pow(2).sum(1, keepdim=True)
+    coef = (flat_v * flat_d).sum(1, keepdim=True) / norm2.clamp_min(torch.finfo(norm2.dtype).tiny)
+    return (coef * flat_d).reshape(v.shape)
+
+
 def pds(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
@@ -120,6 +142,7 @@ def pds(
     num_grid_steps: int = 500,
     psi_scale: float = 1.0,
     chi_scale: float = 1.0,
+    rule: Literal["reference", "balanced"] = "reference",
     generator: torch.Generator | None = None,
 ) -> GuidanceOutput:
     """∇_x0 L_PDS = psi_scale · ψ(t) (x0 − x0_src) + chi_scale · χ(t) (ε̂_tgt − ε̂_src) (module docstring).
@@ -141,20 +164,32 @@ def pds(
         num_grid_steps: N of the DDIM grid (PDS reference: 500).
         psi_scale: factor on ψ (identity-preservation term).
         chi_scale: factor on χ (editing term).
+        rule: ``"reference"`` (the published gradient) or ``"balanced"`` (module docstring).
         generator: RNG for t and ε when they are drawn.
     """
+    if rule not in PDS_RULES:
+        raise PriorInputError(f"unknown PDS rule {rule!r}: use one of {', '.join(map(repr, PDS_RULES))}")
     check_prompt(prompt)
     x0_src = check_source(x0, x0_src)
     t, t_prev = pds_timesteps(prior, t, x0.shape[0], schedule, num_grid_steps, generator)
     noise = resolve_noise(x0, noise, generator)
     # x_t of target and source with the same ε (DDPM Eq. 4)
     x_t = torch.stack([add_noise(prior.alphas_cumprod, x, noise, t) for x in (x0.detach(), x0_src)])
-    # CFG ε̂ (Ho & Salimans Eq. 6): one network call
-    eps = prior.predict_noise(x_t, t, [prompt, prompt_src], guidance_scale).to(x0.dtype)
     psi, chi = pds_coefficients(prior, t, t_prev, schedule)
     psi, chi = psi_scale * psi, chi_scale * chi
+    identity = x0.detach() - x0_src
+    if rule == "reference":
+        # CFG ε̂ (Ho & Salimans Eq. 6): one network call
+        eps = prior.predict_noise(x_t, t, [prompt, prompt_src], guidance_scale).to(x0.dtype)
+        edit = eps[0] - eps[1]
+    else:
+        # conditional ε̂ only (one network call of batch 2), the difference scaled by s
+        scale = prior.guidance_scale if guidance_scale is None else float(guidance_scale)
+        eps = prior.predict_noise(x_t, t, [prompt, prompt_src], 1.0).to(x0.dtype)
+        edit = scale * (eps[0] - eps[1])
+        identity = identity - along(identity, edit)
     # z_tgt − z_src = ψ(t) (x0_tgt − x0_src) + χ(t) (ε̂_tgt − ε̂_src)  (module docstring)
-    grad = batchwise(psi, x0) * (x0.detach() - x0_src) + batchwise(chi, x0) * (eps[0] - eps[1])
+    grad = batchwise(psi, x0) * identity + batchwise(chi, x0) * edit
     return finish(
         x0, grad, t, noise=noise, x_t=x_t[0], eps=eps[0], eps_src=eps[1], psi=psi, chi=chi, t_prev=t_prev
     )
