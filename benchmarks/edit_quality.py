@@ -87,6 +87,7 @@ from nerfstudio_distill.data.scene import (
     render,
     with_attributes,
 )
+from nerfstudio_distill.guidance.config import GuidanceConfig
 
 METHODS = ("pds", "dds", "sds")
 SOURCE_PROMPT, TARGET_PROMPT = "a red ball", "a blue ball"
@@ -129,6 +130,8 @@ class Settings:
     """Highest t of the edit, as a fraction of T."""
     psi_scale: float = 1.0
     """PDS factor on ψ(t) (1 = the paper's coefficients)."""
+    pds_rule: str = GuidanceConfig().pds_rule
+    """``--pipeline.guidance.pds-rule`` of the PDS edit ("reference" or "balanced"; default: pds-edit's)."""
     appearance: str = "mean"
     """``--pipeline.model.edit-appearance`` of the edits: "mean" (the default: renders use the frozen mean
     appearance embedding, as the viewer) or "per-image" (nerfacto's per-view trainable embeddings)."""
@@ -264,6 +267,7 @@ def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
         "--pipeline.guidance.timesteps.max-fraction", str(s.t_max),
         "--pipeline.guidance.psi-scale", str(s.psi_scale),
         "--pipeline.model.edit-appearance", s.appearance,
+        "--pipeline.guidance.pds-rule", s.pds_rule,
         "--pipeline.seed", str(s.seed),
         "--optimizers.fields.optimizer.lr", str(s.lr),
         "--steps-per-save", "1000000",  # the trainer still saves the last step
