@@ -90,16 +90,48 @@ from nerfstudio_distill.data.scene import (
 from nerfstudio_distill.guidance.config import GuidanceConfig
 
 METHODS = ("pds", "dds", "sds")
-SOURCE_PROMPT, TARGET_PROMPT = "a red ball", "a blue ball"
-SOURCE = SceneSpec(
-    colour="red", pattern="stripes", stripes=3, secondary="white", background="black", shading="albedo"
-)
-TARGET_CHANGE = {"colour": "blue"}
-"""The edit: only the body colour changes; the ideal edit is ``with_attributes(SOURCE, **TARGET_CHANGE)``."""
-PATTERNS = PATTERN_VARIANTS
-"""The objects of each prompt's set (changes to SOURCE; the target set adds TARGET_CHANGE)."""
 OBJECT_DIAMETER = 2.0
-"""Sphere of radius 1 in generator units (the depth-change scale)."""
+"""The depth-change scale in generator units (sphere of radius 1; the box's faces are as far apart)."""
+
+
+@dataclass(frozen=True)
+class BenchScene:
+    """One benchmark scene: the source object, the edit, and the prompts of the exact prior's two sets."""
+
+    source: SceneSpec
+    """The object the base is trained on (unshaded, on black)."""
+    change: dict[str, str]
+    """The edit: ``with_attributes(source, **change)`` is the ideal edit (only the body colour changes)."""
+    prompts: tuple[str, str]
+    """(source prompt, target prompt)."""
+    patterns: tuple[dict[str, Any], ...]
+    """The objects of each prompt's set, as changes to ``source`` (the first must be ``{}``, the source's
+    own pattern); the target set adds ``change`` to each."""
+
+    @property
+    def palette(self) -> list[str]:
+        """Colours on the objects of the two sets: the classes of the accuracy metrics."""
+        seconds = {p.get("secondary", self.source.secondary) for p in self.patterns}
+        return sorted({self.source.colour, self.change["colour"], *seconds})
+
+
+SCENES = {
+    "ball": BenchScene(
+        SceneSpec(colour="red", pattern="stripes", stripes=3, secondary="white", background="black", shading="albedo"),
+        {"colour": "blue"},
+        ("a red ball", "a blue ball"),
+        tuple(PATTERN_VARIANTS),
+    ),
+    # Not tuned on: another shape, pattern and edit, with its own seven patterns.
+    "box": BenchScene(
+        SceneSpec(shape="box", colour="green", pattern="checker", checks=2, secondary="yellow", background="black", shading="albedo"),
+        {"colour": "purple"},
+        ("a green box", "a purple box"),
+        ({}, {"checks": 3}, {"checks": 4}, {"pattern": "stripes", "stripes": 2}, {"pattern": "stripes", "stripes": 4},
+         {"pattern": "none"}, {"secondary": "white"}),
+    ),
+}  # fmt: skip
+"""Benchmark scenes by name (``--scene``)."""
 
 
 @dataclass
@@ -141,6 +173,9 @@ class Settings:
     """Rays per step of the base nerfacto."""
     seed: int = 0
     """Seed of the base and of the edits' view/t/noise draws."""
+    scene: str = "ball"
+    """Which scene of SCENES: "ball" (a red ball with 3 white stripes, edited to blue; the settings above
+    were chosen on it) or "box" (a green box with yellow checks, edited to purple; never tuned on)."""
     threads: int = 1
     """torch threads of every ns-train and of the evaluation. On a busy 2-core machine one thread ran a
     nerfacto step 4-6x faster than two (two threads mostly wait for each other)."""
@@ -170,10 +205,11 @@ def make_data(s: Settings, work: Path) -> tuple[Path, Path]:
     camera = CameraSpec(
         num_views=s.views, width=s.resolution, height=s.resolution, radius=s.radius, fov=s.fov
     )
-    scene = generate_scene(work / "scene", SOURCE, camera, overwrite=True)
+    bench = SCENES[s.scene]
+    scene = generate_scene(work / "scene", bench.source, camera, overwrite=True)
     prompts = {
-        SOURCE_PROMPT: PATTERNS,
-        TARGET_PROMPT: [{**p, **TARGET_CHANGE} for p in PATTERNS],
+        bench.prompts[0]: list(bench.patterns),
+        bench.prompts[1]: [{**p, **bench.change} for p in bench.patterns],
     }
     prior = write_exact_prior_set(scene, work / "prior", prompts, sigma=s.sigma, overwrite=True)
     return scene, prior
@@ -184,7 +220,7 @@ def _load_png(path: Path) -> Float[np.ndarray, " D"]:
         return np.asarray(im.convert("RGB"), dtype=np.float64).ravel() / 255.0
 
 
-def identity_check(scene: Path, prior: Path) -> dict[str, Any]:
+def identity_check(scene: Path, prior: Path, target_prompt: str) -> dict[str, Any]:
     """Per view, is the target-set image nearest (L2) to the source image the ideal edit of that view?
 
     Compares the PNGs the prior actually loads. Target images pixel-identical to the ideal view count as
@@ -192,7 +228,7 @@ def identity_check(scene: Path, prior: Path) -> dict[str, Any]:
     ``margin`` = min over views of d²(source, nearest other target image) / d²(source, ideal).
     """
     index = json.loads((prior / "exact_prior.json").read_text())["prompts"]
-    target = sorted((prior / index[TARGET_PROMPT]).glob("*.png"))
+    target = sorted((prior / index[target_prompt]).glob("*.png"))
     images = np.stack([_load_png(p) for p in target])
     names = [p.name for p in target]
     holds, margin = 0, math.inf
@@ -200,7 +236,7 @@ def identity_check(scene: Path, prior: Path) -> dict[str, Any]:
     for f, path in enumerate(views):
         source = _load_png(path)
         d2 = ((images - source) ** 2).sum(1)
-        ideal = names.index(f"variant00_frame{f:05d}.png")  # PATTERNS[0] = the source's pattern
+        ideal = names.index(f"variant00_frame{f:05d}.png")  # patterns[0] = the source's pattern
         same = np.abs(images - images[ideal]).max(1) < 1e-9
         holds += bool(same[d2.argmin()])
         margin = min(margin, float(d2[~same].min() / d2[ideal]))
@@ -257,8 +293,8 @@ def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
     """The flags every edit shares (only the method differs)."""
     return [
         "--load-dir", str(base_models),
-        "--pipeline.target-prompt", TARGET_PROMPT,
-        "--pipeline.source-prompt", SOURCE_PROMPT,
+        "--pipeline.target-prompt", SCENES[s.scene].prompts[1],
+        "--pipeline.source-prompt", SCENES[s.scene].prompts[0],
         "--pipeline.prior.kind", "exact",
         "--pipeline.prior.exact.folder", str(prior),
         "--pipeline.prior-resolution", "None",
@@ -332,33 +368,32 @@ def psnr(a: Float[np.ndarray, "N H W 3"], b: Float[np.ndarray, "N H W 3"]) -> fl
     return float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10))))
 
 
-PALETTE_NAMES = sorted({SOURCE.colour, SOURCE.secondary, TARGET_CHANGE["colour"], "yellow"})
-"""Colours present on the objects of the two prompt sets: the classes of the accuracy metrics."""
-
-
-def classify(rgb: Float[np.ndarray, "*p 3"]) -> np.ndarray:
-    """Index into PALETTE_NAMES of the nearest (RGB L2) palette colour (the scene is unshaded)."""
-    palette = np.array([COLOURS[c] for c in PALETTE_NAMES])
+def classify(rgb: Float[np.ndarray, "*p 3"], names: list[str]) -> np.ndarray:
+    """Index into ``names`` of the nearest (RGB L2) of those colours (the scene is unshaded)."""
+    palette = np.array([COLOURS[c] for c in names])
     return ((rgb[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
 
 
-def score(run: dict[str, Any], truth: dict[str, np.ndarray], base: dict[str, Any] | None) -> dict[str, float]:
+def score(
+    run: dict[str, Any], truth: dict[str, np.ndarray], base: dict[str, Any] | None, bench: BenchScene
+) -> dict[str, float]:
     """Metrics of one rendered run against the ideal edit (see the module docstring)."""
     ideal, mask = truth["ideal_rgb"], truth["mask"]
     body: Bool[np.ndarray, "N H W"] = truth["ideal_label"] == LABEL_PRIMARY
     stripes: Bool[np.ndarray, "N H W"] = truth["ideal_label"] == LABEL_SECONDARY
-    labels = classify(run["rgb"])
-    ideal_labels = classify(truth["ideal_albedo"])
-    blue = PALETTE_NAMES.index(TARGET_CHANGE["colour"])
+    names = bench.palette
+    labels = classify(run["rgb"], names)
+    ideal_labels = classify(truth["ideal_albedo"], names)
+    blue = names.index(bench.change["colour"])  # the target colour
     # how far the body moved from the source colour to the target colour (0: unchanged, 1: the ideal)
-    start, end = np.array(COLOURS[SOURCE.colour]), np.array(COLOURS[TARGET_CHANGE["colour"]])
+    start, end = np.array(COLOURS[bench.source.colour]), np.array(COLOURS[bench.change["colour"]])
     progress = (run["rgb"][body] - start) @ (end - start) / ((end - start) ** 2).sum()
     result = {
         "psnr_to_ideal": psnr(run["rgb"], ideal),
         "psnr_to_ideal_eval": psnr(run["rgb"][run["eval"]], ideal[run["eval"]]),
         "target_accuracy": float((labels[body] == blue).mean()),
         "pattern_accuracy": float((labels[mask] == ideal_labels[mask]).mean()),
-        "stripe_accuracy": float((labels[stripes] == PALETTE_NAMES.index(SOURCE.secondary)).mean()),
+        "stripe_accuracy": float((labels[stripes] == names.index(bench.source.secondary)).mean()),
         "colour_progress": float(progress.mean()),
     }
     if base is not None:
@@ -367,11 +402,11 @@ def score(run: dict[str, Any], truth: dict[str, np.ndarray], base: dict[str, Any
     return result
 
 
-def ground_truth(scene: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
+def ground_truth(scene: Path, frames: np.ndarray, change: dict[str, str]) -> dict[str, np.ndarray]:
     """Source and ideal-edit renders of the given frames of transforms.json."""
     spec, cameras = load_scene(scene)
     cams: SceneCameras = cameras[frames]
-    source, ideal = render(spec, cams), render(with_attributes(spec, **TARGET_CHANGE), cams)
+    source, ideal = render(spec, cams), render(with_attributes(spec, **change), cams)
     # z-depth -> distance along the ray (nerfacto's depth): times |(x, y, -1)| in normalised image coords
     x = (np.arange(cams.width) + 0.5 - cams.cx) / cams.fx
     y = (np.arange(cams.height) + 0.5 - cams.cy) / cams.fy
@@ -404,7 +439,8 @@ def run(s: Settings, workdir: Path | None = None, keep: bool = False, log: Any =
     work.mkdir(parents=True, exist_ok=True)
     try:
         scene, prior = make_data(s, work)
-        check = identity_check(scene, prior)
+        bench = SCENES[s.scene]
+        check = identity_check(scene, prior, bench.prompts[1])
         log(
             f"identity check: ideal edit nearest in {check['ideal_is_nearest']} views, margin {check['margin']}"
         )
@@ -426,17 +462,17 @@ def run(s: Settings, workdir: Path | None = None, keep: bool = False, log: Any =
         with _offline_here(work, s.threads):
             base = render_run(base_run)
             edits = {m: render_run(run_dir(work, f"{m}-edit", m)) for m in s.methods}
-        truth = ground_truth(scene, base["frames"])
+        truth = ground_truth(scene, base["frames"], bench.change)
         result: dict[str, Any] = {}
         for method, edited in edits.items():
             assert (edited["frames"] == base["frames"]).all()
-            result[method] = {**score(edited, truth, base), "seconds": seconds[method]}
+            result[method] = {**score(edited, truth, base, bench), "seconds": seconds[method]}
         depth_error = np.minimum(np.abs(base["depth"] - truth["ray_depth"]), OBJECT_DIAMETER)
         depth_error = depth_error[truth["source_mask"]].mean()
         result["base"] = {
             "psnr_to_source": psnr(base["rgb"], truth["source_rgb"]),
             "depth_error": float(depth_error / OBJECT_DIAMETER),
-            **score(base, truth, None),
+            **score(base, truth, None, bench),
             "seconds": base_seconds,
         }
         result["identity_check"] = check
