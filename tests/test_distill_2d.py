@@ -141,6 +141,13 @@ def test_stable_diffusion_path_runs_with_a_tiny_model(ball, tmp_path, monkeypatc
         ("output-not-empty", ["not empty", "--overwrite"]),
         ("empty-target", ["--target-prompt is empty"]),
         ("unknown-prompt", ["unknown prompt", TARGET]),
+        ("infinite-lr", ["--lr inf", "finite"]),
+        ("diverging-lr", ["diverged", "lower --lr", "nothing was written"]),
+        ("unknown-device", ["--device 'banana'", "cpu"]),
+        (
+            "backwards-timesteps",
+            ["--guidance.timesteps.min-fraction 0.9", "--guidance.timesteps.max-fraction 0.2"],
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(ball, tmp_path, monkeypatch, capsys, case, needles):
@@ -161,6 +168,14 @@ def test_bad_input_is_one_line_and_writes_nothing(ball, tmp_path, monkeypatch, c
         args[5] = " "
     elif case == "unknown-prompt":
         args[5] = "a green ball"
+    elif case == "infinite-lr":
+        args += ["--lr", "inf"]
+    elif case == "diverging-lr":  # #15: a run that blows up writes no NaN picture and fails
+        args += ["--lr", "1e30", "--optimizer", "sgd", "--steps", "5"]
+    elif case == "unknown-device":
+        args += ["--device", "banana"]
+    elif case == "backwards-timesteps":
+        args += ["--guidance.timesteps.min-fraction", "0.9", "--guidance.timesteps.max-fraction", "0.2"]
     with pytest.raises(SystemExit) as exit_info:
         run_entrypoint(monkeypatch, args)
     message = str(exit_info.value.code)
@@ -275,7 +290,7 @@ def test_sweep_sets_timesteps_together():
         (["psi-scale=0,.1,.2,.3,.4,.5,1", "guidance-scale=1,2,4,8,16,32"], ["7x6 grid of 42", "at most 36"]),
         (["psi-scale=0.5,-1"], ["--sweep cell psi-scale=-1:", "--guidance.psi-scale", "0 or more"]),
         (["guidance-scale=7.5,nan"], ["guidance-scale=nan", "finite"]),
-        (["timesteps.max-fraction=0.5,1.5"], ["timesteps.max-fraction=1.5", "min_fraction <= max_fraction"]),
+        (["timesteps.max-fraction=0.5,1.5"], ["timesteps.max-fraction=1.5", "min-fraction <= max-fraction"]),
     ],
 )
 def test_bad_sweep_is_one_line_and_writes_nothing(ball, tmp_path, monkeypatch, sweeps, needles):

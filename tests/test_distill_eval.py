@@ -133,7 +133,7 @@ def fake_run(root: Path, data: Path, source_prompt: str = SOURCE) -> Path:
     config.pipeline.target_prompt, config.pipeline.source_prompt = TARGET, source_prompt
     run = root / config.get_base_dir()
     (run / "nerfstudio_models").mkdir(parents=True)
-    (run / "nerfstudio_models" / "step-000000001.ckpt").write_bytes(b"")
+    torch.save({"step": 1, "pipeline": {}}, run / "nerfstudio_models" / "step-000000001.ckpt")
     (run / "config.yml").write_text(yaml.dump(config))
     return run
 
@@ -184,6 +184,9 @@ def test_cli_scores_a_run_folder_from_another_directory(tiny_clip, tmp_path, mon
         ("missing-clip-folder", ["--clip-model folder", "does not exist"]),
         ("unknown-clip-id", ["could not load CLIP model 'nobody/no-such-clip'", "HF_HUB_OFFLINE=1"]),
         ("not-a-clip-folder", ["could not load CLIP model", "from the local folder", "save_pretrained"]),
+        ("output-is-a-folder", ["--output", "is a folder"]),
+        ("unknown-device", ["--device 'banana'"]),
+        ("truncated-checkpoint", ["truncated", "delete it"]),
     ],
 )
 def test_bad_input_is_one_line(tiny_clip, tmp_path, monkeypatch, case, needles):
@@ -202,8 +205,15 @@ def test_bad_input_is_one_line(tiny_clip, tmp_path, monkeypatch, case, needles):
         clip = "nobody/no-such-clip"
     elif case == "not-a-clip-folder":
         clip = str(tmp_path / "data")
+    extra = []
+    if case == "output-is-a-folder":
+        extra = ["--output", str(tmp_path / "data")]
+    elif case == "unknown-device":
+        extra = ["--device", "banana"]
+    elif case == "truncated-checkpoint":
+        (run / "nerfstudio_models" / "step-000000001.ckpt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(SystemExit) as exit_info:
-        run_entrypoint(monkeypatch, "--edited-config", str(run), "--clip-model", clip)
+        run_entrypoint(monkeypatch, "--edited-config", str(run), "--clip-model", clip, *extra)
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     for needle in needles:

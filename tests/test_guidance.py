@@ -354,8 +354,9 @@ def test_timestep_schedule_annealing():
 )
 def test_timestep_schedule_rejects_bad_ranges(kwargs):
     with pytest.raises(ValueError) as err:
-        TimestepSchedule(**kwargs)
-    assert "\n" not in str(err.value) and "use" in str(err.value)
+        TimestepSchedule(**kwargs).check()
+    assert "\n" not in str(err.value) and "use" in str(err.value) or "pick" in str(err.value)
+    assert "--pipeline.guidance.timesteps." in str(err.value)
 
 
 def test_unknown_weighting_lists_valid_names():

@@ -32,7 +32,9 @@ def test_scale_matches_a_downscaled_render(tiny_scene, tmp_path):
     assert prior.points.shape[-2:] == (cameras.height // 2, cameras.width // 2)
 
 
-@pytest.mark.parametrize("prompts", [{" ": [{}]}, {"a ball": []}, {"a ball": [{"colour": "mauve"}]}])
+@pytest.mark.parametrize(
+    "prompts", [{" ": [{}]}, {"a ball": []}, {"a ball": [{"colour": "mauve"}]}, {"a blue ball ": [{}]}]
+)
 def test_bad_prompts_are_one_line(tiny_scene, tmp_path, prompts):
     with pytest.raises(SceneError) as err:
         write_exact_prior_set(tiny_scene, tmp_path / "set", prompts)

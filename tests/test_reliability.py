@@ -4,6 +4,7 @@ field; and the same seed gives the same run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -59,7 +60,19 @@ def faulty(tiny_scene, base_run, prior_folder, tmp_path_factory) -> dict[str, Pa
     bad_index = root / "bad_index"
     bad_index.mkdir()
     (bad_index / "exact_prior.json").write_text("[1, 2]")
+    negative_sigma = root / "negative_sigma"
+    shutil.copytree(prior_folder, negative_sigma)
+    index = json.loads((negative_sigma / "exact_prior.json").read_text())
+    (negative_sigma / "exact_prior.json").write_text(json.dumps({**index, "sigma": -1}))
+    bad_config = root / "bad_config" / "run"
+    shutil.copytree(base_run.parent, bad_config)
+    (bad_config / "config.yml").write_text("method_name: [unclosed\n")
+    a_file = root / "a_file"
+    a_file.write_text("not a folder")
     return {
+        "negative_sigma": negative_sigma,
+        "bad_config": bad_config / "nerfstudio_models",
+        "a_file": a_file,
         "ckpt": next(base_run.glob("step-*.ckpt")),
         "truncated": truncated / "nerfstudio_models",
         "empty_prior": empty_prior,
@@ -100,6 +113,19 @@ BAD_EDITS = [
     ("max-bad-steps-0", ["--max-bad-steps", "0"], ["--max-bad-steps"]),
     ("zero-iterations", ["--max-num-iterations", "0"], ["--max-num-iterations"]),
     ("missing-data", ["--data", "/no/such/scene"], ["--data /no/such/scene", "transforms.json"]),
+    ("output-dir-is-a-file", ["--output-dir", "{a_file}"], ["is a file", "--output-dir"]),
+    ("negative-seed", ["--machine.seed", "-1"], ["--machine.seed -1"]),
+    ("zero-rays", ["--pipeline.datamanager.train-num-rays-per-batch", "0"], ["train-num-rays-per-batch 0"]),
+    ("malformed-base-config", ["--load-dir", "{bad_config}"], ["cannot be read as a run config"]),
+    ("unknown-prior-device", ["--pipeline.prior.exact.device", "banana"], ["--pipeline.prior.exact.device 'banana'"]),
+    ("backwards-timesteps", ["--pipeline.guidance.timesteps.min-fraction", "0.9",
+                             "--pipeline.guidance.timesteps.max-fraction", "0.1"],
+     ["--pipeline.guidance.timesteps.min-fraction 0.9", "max-fraction 0.1"]),
+    ("anneal-end-outside", ["--pipeline.guidance.timesteps.anneal", "linear",
+                            "--pipeline.guidance.timesteps.final-max-fraction", "1.5"], ["final-max-fraction 1.5"]),
+    ("negative-loss-weight", ["--pipeline.model.interlevel-loss-mult", "-1"], ["--pipeline.model.interlevel-loss-mult"]),
+    ("negative-prior-sigma", ["--pipeline.prior.exact.folder", "{negative_sigma}"], ['"sigma" in', "exact_prior.json"]),
+    ("sdi-in-an-edit", ["--pipeline.guidance.method", "sdi"], ["not an edit method"]),
 ]  # fmt: skip
 
 
@@ -113,7 +139,7 @@ def test_bad_edit_input_is_one_line_and_writes_nothing(
         "pds-edit", out, tiny_scene, *edit_flags(prior_folder, "--load-dir", str(base_run)), *flags
     )
     assert_error_line(ns_train_here(args), *needles)
-    assert files_under(out) == []
+    assert files_under(out) == [] and faulty["a_file"].read_text() == "not a folder"
 
 
 def test_reused_timestamp_never_touches_the_finished_run(tiny_scene, base_run, prior_folder, tmp_path):
@@ -135,11 +161,53 @@ def test_reused_timestamp_never_touches_the_finished_run(tiny_scene, base_run, p
         assert {p: p.read_bytes() for p in files_under(out)} == before
 
 
-def test_text_to_3d_bad_numbers_are_one_line(prior_folder, tmp_path):
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--pipeline.chunk-size", "0"], "--pipeline.chunk-size"),
+        (["--pipeline.model.opacity-loss-mult", "nan"], "--pipeline.model.opacity-loss-mult"),
+        (["--pipeline.model.orientation-loss-mult", "-1"], "--pipeline.model.orientation-loss-mult"),
+        (["--pipeline.model.blob-density", "nan"], "--pipeline.model.blob-density"),
+        (["--pipeline.model.blob-taper", "1000", "0"], "--pipeline.model.blob-taper 1000 0"),
+        (["--pipeline.guidance.timesteps.final-max-fraction", "-0.2"], "final-max-fraction -0.2"),
+    ],
+    ids=[
+        "chunk-size",
+        "opacity-nan",
+        "orientation-negative",
+        "blob-density-nan",
+        "blob-taper-backwards",
+        "anneal-end",
+    ],
+)
+def test_text_to_3d_bad_numbers_are_one_line(tmp_path, flags, needle):
     args = ["ns-train", "sds-nerfacto", "--machine.device-type", "cpu", "--output-dir", str(tmp_path / "out")]
-    args += ["--pipeline.prompt", "a ball", "--pipeline.chunk-size", "0"]
-    assert_error_line(ns_train_here(args), "--pipeline.chunk-size")
+    args += ["--pipeline.prompt", "a ball", *flags]
+    assert_error_line(ns_train_here(args), needle)
     assert files_under(tmp_path / "out") == []
+
+
+def test_a_resume_that_fails_late_keeps_the_runs_config(tiny_scene, base_run, prior_folder, faulty, tmp_path):
+    """#15 sweep D1: resuming a run in its own folder with a prior that breaks only when loaded (a PNG cut
+    short) stops with one line, and the run's config.yml is the one it had."""
+    out = tmp_path / "out"
+    run = out / tiny_scene.name / "pds-edit" / "run"
+    shutil.copytree(base_run.parent, run)
+    config = (run / "config.yml").read_bytes()
+    broken = tmp_path / "broken_prior"
+    shutil.copytree(prior_folder, broken)
+    png = sorted((broken / "set_01").glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:100])
+    flags = edit_flags(prior_folder, "--load-dir", str(run / "nerfstudio_models"))
+    flags += ["--pipeline.prior.exact.folder", str(broken)]
+    code = ns_train_here(ns_train("pds-edit", out, tiny_scene, *flags))
+    assert_error_line(code, str(png))
+    assert (run / "config.yml").read_bytes() == config
+    assert sorted(p.name for p in (run / "nerfstudio_models").iterdir()) == [base_run_ckpt(base_run)]
+
+
+def base_run_ckpt(base_run: Path) -> str:
+    return next(base_run.glob("step-*.ckpt")).name
 
 
 def test_negative_cfg_warns():

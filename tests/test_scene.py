@@ -240,6 +240,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["--pattern", "zigzag"], "none, stripes, checker"),
         (["--num-views", "0"], "--num-views"),
         (["--num-views", "-3"], "--num-views"),
+        (["--layout", "hemisphere", "--seed", "-1"], "--seed"),
         ([], "--overwrite"),
     ],
 )

@@ -65,6 +65,11 @@ def write_exact_prior_set(
             height=int(cameras.height * scale),
         )
     variants = {p: [with_attributes(spec, **changes) for changes in v] for p, v in prompts.items()}
+    if any(p != p.strip() for p in variants):
+        raise SceneError(
+            "a prompt starts or ends with white space, which the CLIs strip (so it could never be chosen): "
+            "remove it from the prompts mapping"
+        )
     if any(not p.strip() for p in variants) or any(not v for v in variants.values()):
         raise SceneError(
             "every prompt needs a non-empty text and at least one variant: fix the prompts mapping"

@@ -153,6 +153,7 @@ class CameraSpec:
         _check_range("radius", self.radius, 1.01 * BOUNDING_RADIUS, MAX_RADIUS, "--radius")
         _check_range("fov", self.fov, 1.0, 170.0, "--fov")
         _check_range("elevation", self.elevation, -89.0, 89.0, "--elevation")
+        _check_range("seed", self.seed, 0, 2**32 - 1, "--seed")
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.priors.base import Prior, PriorInputError
 
 WEIGHTINGS = ("sds", "uniform", "fantasia", "sqrt")
@@ -143,20 +144,21 @@ class TimestepSchedule:
     final_max_fraction: float = 0.5
     """Highest timestep at progress 1 (ignored when ``anneal="constant"``)."""
 
-    def __post_init__(self) -> None:
+    def check(self, flag: str = "--pipeline.guidance.timesteps.") -> None:
+        """One-line error naming the flags (``flag`` + name) for a range no run can use. Called by
+        :meth:`sample` and by the configs' checks (not at construction, so the CLIs can report it)."""
         if self.anneal not in ANNEALS:
-            raise ValueError(f"unknown anneal {self.anneal!r}: use one of {', '.join(map(repr, ANNEALS))}")
-        lo, hi = self.min_fraction, self.max_fraction
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(
-                f"bad timestep range min_fraction={lo}, max_fraction={hi}: "
-                "use 0 <= min_fraction <= max_fraction <= 1 (e.g. 0.02 and 0.98)"
+            raise DistillError(f"{flag}anneal {self.anneal!r}: use one of {', '.join(map(repr, ANNEALS))}")
+        lo, hi, end = self.min_fraction, self.max_fraction, self.final_max_fraction
+        if not 0.0 <= lo <= hi <= 1.0:  # also false for NaN
+            raise DistillError(
+                f"{flag}min-fraction {lo} and {flag}max-fraction {hi}: use 0 <= min-fraction <= max-fraction "
+                "<= 1 (e.g. 0.02 and 0.98)"
             )
-        end = self.final_max_fraction
         if self.anneal != "constant" and not lo <= end <= hi:
-            raise ValueError(
-                f"final_max_fraction={end} is outside [min_fraction={lo}, max_fraction={hi}]: "
-                "pick a final max between them, or use anneal='constant'"
+            raise DistillError(
+                f"{flag}final-max-fraction {end} is outside [{lo}, {hi}] (min-fraction, max-fraction): pick a "
+                f"final max between them, or use {flag}anneal constant"
             )
 
     def max_fraction_at(self, progress: float) -> float:
@@ -191,6 +193,7 @@ class TimestepSchedule:
             generator: optional CPU ``torch.Generator`` for reproducible draws.
             num_train_timesteps: T of the prior (``prior.num_train_timesteps``).
         """
+        self.check()
         lo, hi = self.bounds(progress, num_train_timesteps)
         device = generator.device if generator is not None else None
         return torch.randint(lo, hi + 1, (batch,), generator=generator, device=device).cpu()

@@ -89,6 +89,7 @@ class GuidanceConfig:
             )
         if self.num_inversion_steps < 1:
             raise DistillError(f"{flag}num-inversion-steps is {self.num_inversion_steps}: pass 1 or more")
+        self.timesteps.check(flag + "timesteps.")
         if self.guidance_scale < 0:
             warnings.warn(
                 f"{flag}guidance-scale is {self.guidance_scale}: a negative CFG scale pushes renders away from "

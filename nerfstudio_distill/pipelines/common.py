@@ -9,6 +9,7 @@ re-render chunk by chunk with autograd and push each chunk's slice of that gradi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,18 @@ def to_prior(
     if target != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
     return x
+
+
+def check_model_numbers(model: Any, names: tuple[str, ...] = ()) -> None:
+    """One-line error for a loss weight (every ``*_mult`` field of the model config) or one of ``names``
+    that is not a finite number >= 0."""
+    fields = [n for n in vars(model) if n.endswith("_mult")] + list(names)
+    for name in fields:
+        value = getattr(model, name)
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            raise DistillError(
+                f"--pipeline.model.{name.replace('_', '-')} is {value}: pass a finite number >= 0"
+            )
 
 
 def first_non_finite(named: dict[str, Tensor]) -> str | None:

@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
 from nerfstudio_distill.errors import DistillError
-from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.config import EDIT_METHODS, GuidanceConfig
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
     backward_in_chunks,
+    check_model_numbers,
     first_non_finite,
     grads_finite,
     live_prompt,
@@ -330,7 +331,14 @@ def check_prompts(config: EditPipelineConfig) -> None:
 def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
     """One-line errors for an edit's options, its dataset and (exact prior) its prompts and sizes."""
     check_prompts(config)
+    if config.guidance.method not in EDIT_METHODS:
+        raise DistillError(
+            f"--pipeline.guidance.method {config.guidance.method} is not an edit method: use pds, dds or sds "
+            "(or the matching ns-train pds-edit, dds-edit, sds-edit)"
+        )
     config.guidance.check()
+    config.prior.check()
+    check_model_numbers(config.model)
     flag = "--pipeline."
     for name, value in [("render_scale", config.render_scale), ("guidance_weight", config.guidance_weight)]:
         if not math.isfinite(value):

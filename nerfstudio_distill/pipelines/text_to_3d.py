@@ -38,6 +38,7 @@ from nerfstudio_distill.models.text_to_3d import TextTo3DModel, TextTo3DModelCon
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
     backward_in_chunks,
+    check_model_numbers,
     first_non_finite,
     grads_finite,
     live_prompt,
@@ -288,6 +289,7 @@ def check_text_to_3d(config: TextTo3DPipelineConfig) -> None:
     if not config.prompt.strip():
         raise DistillError('text-to-3D needs a prompt: pass --pipeline.prompt "a ripe pineapple"')
     config.guidance.check()
+    config.prior.check()
     for name, value in [("chunk_size", config.chunk_size), ("prior_resolution", config.prior_resolution)]:
         if value is not None and value < 1:
             raise DistillError(f"--pipeline.{name.replace('_', '-')} is {value}: pass 1 or more")
@@ -299,6 +301,14 @@ def check_text_to_3d(config: TextTo3DPipelineConfig) -> None:
             "use sds or sdi"
         )
     model = config.model
+    check_model_numbers(
+        model, ("blob_density", "blob_radius", "ambient", "light_jitter", "average_init_density")
+    )
+    if model.blob_taper[0] > model.blob_taper[1]:
+        raise DistillError(
+            f"--pipeline.model.blob-taper {model.blob_taper[0]} {model.blob_taper[1]} runs backwards: pass the "
+            "first step, then the last (e.g. 0 1000)"
+        )
     probs = (model.lambertian_prob, model.textureless_prob, model.random_background_prob)
     if any(not 0 <= p <= 1 for p in probs) or model.lambertian_prob + model.textureless_prob > 1:
         raise DistillError(

@@ -61,12 +61,14 @@ class DistillTrainerConfig(TrainerConfig):
     loss or gradient. Single skips are harmless; a streak means training has diverged."""
 
     def save_config(self) -> None:
-        """ns-train's first write: check everything before it, so a bad command writes nothing."""
+        """ns-train's first write. Here it only checks everything that can be checked before building: the
+        config is written by :meth:`DistillTrainer.setup` once the pipeline is built, so a command that
+        fails, also late (an unreadable image, a prior that does not load), writes no config.yml and never
+        replaces the one of a run it resumes."""
         try:
             check_run(self)
         except DistillError as err:
             raise SystemExit(exit_message(err)) from None
-        super().save_config()
 
 
 @dataclass
@@ -146,8 +148,14 @@ def check_load_dir(config: DistillTrainerConfig) -> LoadPlan | None:
         if config.require_load_dir and RESUME_KEY not in state["pipeline"]:
             return LoadPlan(path, resume=False, source="base")
         return LoadPlan(path, resume=True, source=name)
-    base = yaml.load(run_config.read_text(), Loader=yaml.Loader)
-    method = str(base.method_name)
+    try:
+        base = yaml.load(run_config.read_text(), Loader=yaml.Loader)
+        method = str(base.method_name)
+    except Exception as e:
+        raise DistillError(
+            f"{run_config} cannot be read as a run config ({one_line(e, 100)}): restore it, or pass the "
+            "nerfstudio_models folder of another run"
+        ) from None
     if not config.require_load_dir and method != name:
         raise DistillError(
             f"--load-dir {load_dir} is a {method} run: {name} only resumes its own runs "
@@ -204,7 +212,16 @@ def dataparser_outputs(config: TrainerConfig):
 
 
 def check_output_folder(config: TrainerConfig) -> None:
-    """Never write into a run folder that holds checkpoints, except to resume that very run."""
+    """Never write into a run folder that holds checkpoints, except to resume that very run; and the run
+    folder must be creatable (no file in its way)."""
+    run_dir = config.get_base_dir()
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise DistillError(
+                    f"{folder} is a file, so the run folder {run_dir} cannot be made: pass another --output-dir"
+                )
+            break
     models = config.get_checkpoint_dir()
     if not models.is_dir() or not checkpoint_steps(models):
         return
@@ -222,6 +239,11 @@ def check_run(config: DistillTrainerConfig) -> LoadPlan | None:
         raise DistillError(f"--max-bad-steps {config.max_bad_steps}: pass 1 or more")
     if config.max_num_iterations < 1:
         raise DistillError(f"--max-num-iterations {config.max_num_iterations}: pass 1 or more")
+    if not 0 <= config.machine.seed < 2**32:
+        raise DistillError(f"--machine.seed {config.machine.seed}: pass a seed from 0 to 2**32 - 1")
+    rays = getattr(config.pipeline.datamanager, "train_num_rays_per_batch", 1)
+    if rays < 1:
+        raise DistillError(f"--pipeline.datamanager.train-num-rays-per-batch {rays}: pass 1 or more")
     plan = check_load_dir(config)
     check_output_folder(config)
     check = getattr(config.pipeline, "check", None)
@@ -257,6 +279,11 @@ class DistillTrainer(Trainer):
             super().setup(test_mode)
         except DistillError as err:
             raise SystemExit(exit_message(err)) from None
+        except OSError as err:  # an image of --data or of the prior set that is missing or cut short
+            raise SystemExit(
+                f"error: a file could not be read while building the run ({one_line(err, 150)}): check the "
+                "images of --data and of the prior's folder"
+            ) from None
         if self._signal is not None:
             raise SystemExit(
                 f"error: {signal.Signals(self._signal).name} before training started; nothing was saved"
@@ -265,17 +292,18 @@ class DistillTrainer(Trainer):
         start = getattr(self.pipeline, "start_edit", None)
         if start is not None:
             start(self._start_step, planned)
+        left = planned
         if self.plan is not None and self.plan.resume:
             # finish the planned run: it started at the edit's first step (text to 3D: step 0)
-            first = int(getattr(self.pipeline, RESUME_KEY, 0))
-            left = first + planned - self._start_step
+            left = int(getattr(self.pipeline, RESUME_KEY, 0)) + planned - self._start_step
             if left <= 0:
                 raise SystemExit(
                     f"error: {self.plan.path} already ends the planned {planned} steps: to train longer, pass "
                     f"a larger --max-num-iterations (the run's total, now {planned})"
                 )
             print(f"Resuming at step {self._start_step}: {left} of the {planned} planned steps are left")
-            self.config.max_num_iterations = left  # the loop's length; the schedule keeps `planned`
+        TrainerConfig.save_config(self.config)  # only now: see DistillTrainerConfig.save_config
+        self.config.max_num_iterations = left  # the loop's length; the schedule and config.yml keep `planned`
 
     def _load_checkpoint(self) -> None:
         if self.plan is None:

@@ -41,6 +41,28 @@ def scaled_linear_betas(
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
 
+def check_device(device: str | torch.device | None, flag: str) -> None:
+    """One-line :class:`~nerfstudio_distill.errors.PriorLoadError` naming ``flag`` when ``device`` is not a
+    device of this machine (None: the default, always fine)."""
+    from nerfstudio_distill.errors import PriorLoadError
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PriorLoadError(f"{flag} {device!r} is not a device: pass cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PriorLoadError(f"{flag} {device}: this machine has no usable CUDA GPU: pass cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PriorLoadError(
+            f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s): pass cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PriorLoadError(f"{flag} {device}: MPS is not available here: pass cpu")
+
+
 class Prior(nn.Module, abc.ABC):
     """Base class: subclasses implement ``encode``, ``_embed`` and ``_eps``.
 
@@ -58,6 +80,8 @@ class Prior(nn.Module, abc.ABC):
     """Offset added to DDIM grids, as in the model's scheduler config (SD: 1)."""
     size_multiple: int = 1
     """Image sides must be multiples of this (SD: 8, its VAE's downsampling factor)."""
+    min_side: int = 1
+    """Shortest image side the network takes (SD: 64 for SD 1.5, whose UNet halves 8 latent pixels 3 times)."""
 
     def __init__(self, betas: Float[Tensor, " T"], guidance_scale: float, steps_offset: int = 1) -> None:
         super().__init__()

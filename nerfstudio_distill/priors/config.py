@@ -7,11 +7,12 @@ Plain dataclasses (tyro shows them as ``--pipeline.prior.*``); nothing heavy is 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Prior, check_device
 from nerfstudio_distill.priors.stable_diffusion import (
     PriorLoadError,
     StableDiffusionPrior,
@@ -64,6 +65,20 @@ class ExactPriorConfig:
                 )
         return folders
 
+    def sigma_value(self) -> float:
+        """--pipeline.prior.exact.sigma, else the index's "sigma" (else 0); one line if it is not >= 0."""
+        index_file = Path(self.folder) / EXACT_PRIOR_FILE
+        where = "--pipeline.prior.exact.sigma"
+        sigma = self.sigma
+        if sigma is None:
+            where = f'"sigma" in {index_file}'
+            sigma = json.loads(index_file.read_text()).get("sigma", 0.0)
+        if not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma >= 0):
+            raise PriorLoadError(
+                f"{where} is {sigma}: pass a finite standard deviation >= 0 (0 memorises the set)"
+            )
+        return float(sigma)
+
     def image_size(self) -> tuple[int, int]:
         """Height and width of the set's images (read from the first file's header)."""
         from PIL import Image
@@ -75,10 +90,7 @@ class ExactPriorConfig:
     def setup(self, device: str | None = None) -> Prior:
         from nerfstudio_distill.priors.exact import ExactPrior
 
-        folders = self.folders()
-        index = json.loads((Path(self.folder) / EXACT_PRIOR_FILE).read_text())
-        sigma = self.sigma if self.sigma is not None else float(index.get("sigma", 0.0))
-        prior = ExactPrior.from_folders(folders, sigma=sigma)
+        prior = ExactPrior.from_folders(self.folders(), sigma=self.sigma_value())
         return prior.to(self.device or device or "cpu")
 
 
@@ -93,6 +105,14 @@ class PriorConfig:
     """Options of the Stable Diffusion prior (used when kind is stable-diffusion)."""
     exact: ExactPriorConfig = field(default_factory=ExactPriorConfig)
     """Options of the exact prior (used when kind is exact)."""
+
+    def check(self, flag: str = "--pipeline.prior.") -> None:
+        """One-line errors for the options that can be checked without loading anything."""
+        check_device(self.stable_diffusion.device, f"{flag}stable-diffusion.device")
+        check_device(self.exact.device, f"{flag}exact.device")
+        if self.kind == "exact":
+            self.exact.folders()
+            self.exact.sigma_value()
 
     def setup(self, device: str | None = None) -> Prior:
         """Build the prior; ``device`` is the NeRF's, used when the prior's own device is unset."""

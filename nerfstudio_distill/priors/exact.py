@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from nerfstudio_distill.errors import PriorLoadError
+
 from .base import Prior, PriorInputError, scaled_linear_betas
 
 
@@ -93,7 +95,12 @@ class ExactPrior(Prior):
                     f"no *.png files in {str(folder)!r} for prompt {prompt!r}: check the folder path"
                 )
             for file in files:
-                image = torch.from_numpy(read_rgb(file)).permute(2, 0, 1)
+                try:
+                    image = torch.from_numpy(read_rgb(file)).permute(2, 0, 1)
+                except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
+                    raise PriorLoadError(
+                        f"{file} cannot be read ({type(e).__name__}: {e}): replace or delete it"
+                    ) from None
                 if first is None:
                     first = (file, image.shape)
                 elif image.shape != first[1]:

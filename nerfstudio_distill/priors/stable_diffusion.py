@@ -232,6 +232,8 @@ class StableDiffusionPrior(Prior):
         self.to(device)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor
+        downsamples = len(unet.config.block_out_channels) - 1  # a 1x1 latent breaks the GroupNorms
+        self.min_side = self.vae_scale_factor * max(2, 2**downsamples)
         """Spatial downsampling of the VAE (8 for SD): image sizes must be multiples of it."""
 
     # ------------------------------------------------------------------- images

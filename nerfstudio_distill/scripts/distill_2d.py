@@ -35,7 +35,7 @@ from nerfstudio_distill.data.images import read_rgb
 from nerfstudio_distill.errors import Distill2DError, DistillError, exit_message
 from nerfstudio_distill.guidance.common import GuidanceOutput
 from nerfstudio_distill.guidance.config import METHODS, GuidanceConfig
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Prior, check_device
 from nerfstudio_distill.priors.config import PriorConfig
 
 OUTPUT_FILES = ("result.png", "strip.png", "distill_2d.json")
@@ -182,6 +182,11 @@ def prior_input(
         factor = getattr(prior, "vae_scale_factor", 1)
         scale = 1.0 if resolution is None else resolution / min(height, width)
         size = tuple(max(factor, round(s * scale / factor) * factor) for s in (height, width))
+    if min(size) < prior.min_side:
+        raise Distill2DError(
+            f"--image is {height}x{width}, which reaches the prior at {size[0]}x{size[1]}: it needs at least "
+            f"{prior.min_side} px on the short side; pass --resolution 512 (or a larger image)"
+        )
     if size == (height, width):
         return image
     return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
@@ -456,8 +461,10 @@ def check_args(args: Distill2DArgs) -> None:
     """One-line errors for the options, before anything is loaded."""
     if not args.target_prompt.strip():
         raise Distill2DError('--target-prompt is empty: pass the text to edit towards, e.g. "a blue ball"')
-    if args.steps < 1 or not args.lr > 0:
-        raise Distill2DError(f"--steps {args.steps} --lr {args.lr}: use steps >= 1 and lr > 0")
+    if args.steps < 1 or not (math.isfinite(args.lr) and args.lr > 0):
+        raise Distill2DError(f"--steps {args.steps} --lr {args.lr}: use steps >= 1 and a finite lr > 0")
+    check_device(args.device, "--device")
+    args.prior.check()  # devices, the exact prior's set (flags shown as --prior.*)
     if args.num_snapshots < 1:
         raise Distill2DError(f"--num-snapshots {args.num_snapshots}: use at least 1")
     if args.resolution is not None and args.resolution < 8:
@@ -493,6 +500,11 @@ def run_edit(
         num_snapshots=snapshots,
         seed=args.seed,
     )
+    if not torch.isfinite(result.image).all():  # nothing is written from a diverged run
+        raise Distill2DError(
+            f"the optimisation diverged (NaN/Inf) with --lr {args.lr:g} and --optimizer {args.optimizer}: "
+            "lower --lr (Adam's default is 0.02); nothing was written"
+        )
     return result, time.time() - start
 
 

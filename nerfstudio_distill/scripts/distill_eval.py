@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
-from nerfstudio_distill.errors import EvalError, exit_message, one_line
+from nerfstudio_distill.errors import DistillError, EvalError, exit_message, one_line
+from nerfstudio_distill.priors.base import check_device
 from nerfstudio_distill.priors.stable_diffusion import hub_offline, looks_like_path
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -199,14 +201,27 @@ def load_run(path: Path, flag: str) -> tuple[Path, Any]:
     try:
         config = _relocate(config_path)(yaml.load(config_path.read_text(), Loader=yaml.Loader))
         checkpoints = config.get_checkpoint_dir()
+        if not hasattr(config.pipeline.datamanager, "dataparser"):
+            raise EvalError(
+                f"{flag} {config_path} is a {config.method_name} run, which has no dataset to compare with: "
+                "pass an edit run (pds-edit, dds-edit, sds-edit) or a nerfacto run"
+            )
         data = config.pipeline.datamanager.data or config.pipeline.datamanager.dataparser.data
+    except EvalError:
+        raise
     except Exception as e:
         raise EvalError(
             f"{flag} {config_path} is not a nerfstudio run config ({one_line(e, 120)}): pass the "
             "config.yml that ns-train wrote"
         ) from e
-    if not any(Path(checkpoints).glob("step-*.ckpt")):
+    steps = sorted(Path(checkpoints).glob("step-*.ckpt"))
+    if not steps:
         raise EvalError(f"{flag} {config_path}: no checkpoints in {checkpoints}; train the run first")
+    if not zipfile.is_zipfile(steps[-1]):  # what torch.save writes; a cut-short file is not one
+        raise EvalError(
+            f"{flag} {config_path}: its checkpoint {steps[-1]} is truncated or not a checkpoint; delete it "
+            "(an earlier one is used) or retrain the run"
+        )
     if data is None or not Path(data).exists():
         raise EvalError(
             f"{flag} {config_path}: its dataset {data} is not found; put it back, or run from the folder "
@@ -294,6 +309,9 @@ def main(args: EvalArgs) -> tuple[dict[str, Any], Path]:
     output = args.output or edited_config.parent / OUTPUT_NAME
     if not output.parent.is_dir():
         raise EvalError(f"--output {output}: its folder does not exist; create it or choose another path")
+    if output.is_dir():
+        raise EvalError(f"--output {output} is a folder: pass a file path, e.g. {output / OUTPUT_NAME}")
+    check_device(args.device, "--device")
     clip = load_clip(args.clip_model, args.device)  # before rendering: a missing model fails in seconds
     source, edited = render_runs(edited_config, source_config, args.every)
     result = {
@@ -315,7 +333,7 @@ def entrypoint() -> None:
     args = tyro.cli(EvalArgs, prog="ns-distill-eval")
     try:
         result, output = main(args)
-    except EvalError as err:
+    except DistillError as err:
         raise SystemExit(exit_message(err)) from None
     print(
         f"CLIP score {result['clip_score']['mean']:.4f} (source {result['clip_score_source']['mean']:.4f}), "
