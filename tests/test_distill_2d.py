@@ -211,7 +211,19 @@ def test_sweep_writes_a_contact_sheet_and_one_cell_per_setting(ball, tmp_path, m
     out = tmp_path / "out"
     sweeps = ["--sweep", "psi-scale=0,1", "--sweep", "guidance-scale=1,7.5"]
     run_entrypoint(
-        monkeypatch, cli_args(scene, prior, out, "--steps", "150", "--guidance.inversion-eta", "0.1", *sweeps)
+        monkeypatch,
+        cli_args(
+            scene,
+            prior,
+            out,
+            "--steps",
+            "150",
+            "--guidance.inversion-eta",
+            "0.1",
+            "--guidance.pds-rule",
+            "reference",
+            *sweeps,
+        ),
     )
     assert capsys.readouterr().out.startswith(f"wrote {out / 'sweep.png'} and {out / 'sweep.json'} (4 edits;")
     assert sorted(p.name for p in out.iterdir()) == sorted(distill_2d.SWEEP_FILES)

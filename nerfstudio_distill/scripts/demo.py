@@ -66,9 +66,9 @@ class DemoArgs:
     """Steps of pds-edit."""
     render_scale: float = 0.5
     """Resolution factor of the views rendered for guidance (the exact prior's images match it)."""
-    psi_scale: float = 0.5
-    """PDS factor on ψ(t) (identity term) relative to χ(t). With the exact prior at CFG 1 the paper's ψ
-    (1.0) stops halfway to the target colour (see benchmarks/edit_quality.py); 0.5 reaches it."""
+    psi_scale: float = 1.0
+    """PDS factor on ψ(t) (identity term) relative to χ(t); 1 is pds-edit's default (with its "balanced"
+    rule the edit reaches the target colour, see benchmarks/edit_quality.py)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale of the edit (1: the exact prior's conditional score, unextrapolated)."""
     edit_lr: float = 3e-3
