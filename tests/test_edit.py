@@ -207,6 +207,25 @@ def test_refinement_replaces_training_images(tiny_scene, prior_set):
     torch.testing.assert_close(pipe.datamanager.source_images, source_images_of(pipe))
 
 
+def test_refinement_runs_at_the_edits_render_scale(tiny_scene, tmp_path):
+    """#15 (3): with --pipeline.render-scale 0.5 and a prior set written at that scale, the refinement
+    stage gives the prior renders of the same size as the edit did (it used to render full views and
+    fail after the whole PDS stage); the new training images keep the full size."""
+    prior = write_exact_prior_set(
+        tiny_scene, tmp_path / "half", {SOURCE: [{}], TARGET: [{"colour": "blue"}]}, scale=0.5
+    )
+    config = edit_config(
+        tiny_scene, prior, render_scale=0.5, refine_steps=2, refine_every=1, refine_denoise_steps=1
+    )
+    pipe = config.setup(device="cpu", test_mode="val")
+    pipe.start_edit(0, 4)
+    pipe.get_train_loss_dict(step=0)  # an edit step at half size
+    before = pipe.datamanager.train_image_dataloader.cached_collated_batch["image"].clone()
+    _, losses, _ = pipe.get_train_loss_dict(step=2)  # the first refinement step
+    after = pipe.datamanager.train_image_dataloader.cached_collated_batch["image"]
+    assert "rgb_loss" in losses and after.shape == before.shape and not torch.equal(before, after)
+
+
 def source_images_of(pipe) -> torch.Tensor:
     return torch.stack(
         [
