@@ -27,11 +27,15 @@ def test_edit_resume_and_export(tiny_scene, base_run, prior_folder, tmp_path):
     base_size = next(base_run.glob("step-*.ckpt")).stat().st_size
     assert first and first[-1].stat().st_size < 1.05 * base_size  # no prior weights inside
 
-    # a killed run resumes from its own checkpoint: everything restored, the step counter continues
+    # a run resumes from its own checkpoint: everything restored, the step counter continues, and it runs
+    # the steps left of the planned total (here the total is raised from 2 to 4: 2 more steps)
     flags = edit_flags(prior_folder, "--load-dir", str(run / "nerfstudio_models"))
-    resume = run_cli(ns_train("pds-edit", out, tiny_scene, *flags, timestamp="resumed"), env, tmp_path)
+    resume = run_cli(
+        ns_train("pds-edit", out, tiny_scene, *flags, steps=4, timestamp="resumed"), env, tmp_path
+    )
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert "optimizers and schedulers start fresh" not in resume.stdout
+    assert "2 of the 4 planned steps are left" in resume.stdout
     (last,) = (out / tiny_scene.name / "pds-edit" / "resumed" / "nerfstudio_models").glob("step-*.ckpt")
     assert last.name > first[-1].name
 
