@@ -72,7 +72,7 @@ from jaxtyping import Bool, Float
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also when run as a script
-from seeds import mean_and_spread  # noqa: E402
+from seeds import add_seeds_argument, mean_and_spread  # noqa: E402
 
 from nerfstudio_distill.data.prior_sets import PATTERN_VARIANTS, write_exact_prior_set
 from nerfstudio_distill.data.scene import (
@@ -556,13 +556,7 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (scene, prior, runs)")
     parser.add_argument("--json", action="store_true", help="last line: the result as one JSON object")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="run once per seed; report mean ± std (overrides --seed)",
-    )
+    add_seeds_argument(parser)
     parser.add_argument(
         "--jobs", type=int, default=1, help="with --seeds: seeds run at once (one thread each)"
     )

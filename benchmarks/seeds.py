@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import numpy as np
@@ -17,3 +18,14 @@ def mean_and_spread(results: list[dict[str, Any]], names: list[str]) -> dict[str
         summary[name] = {k: round(float(v.mean()), 4) for k, v in values.items()}
         summary[name]["std"] = {k: round(float(v.std()), 4) for k, v in values.items()}
     return summary
+
+
+def add_seeds_argument(parser: argparse.ArgumentParser) -> None:
+    """``--seeds N [N ...]``: run once per seed and report the mean and spread."""
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run once per seed; report mean ± std (overrides --seed)",
+    )

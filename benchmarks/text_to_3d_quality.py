@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also when run as a script
-from seeds import mean_and_spread  # noqa: E402
+from seeds import add_seeds_argument, mean_and_spread  # noqa: E402
 
 from nerfstudio_distill.data.scene import (
     CameraSpec,
@@ -370,13 +370,7 @@ def main() -> None:
     parser.add_argument(
         "--pictures", type=Path, default=None, help="write text_to_3d.gif and text_to_3d.png here"
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=None,
-        help="run once per seed; report mean ± std (overrides --seed)",
-    )
+    add_seeds_argument(parser)
     args = vars(parser.parse_args())
     as_json, pictures, seeds = args.pop("json"), args.pop("pictures"), args.pop("seeds")
     settings = Settings(**args)
