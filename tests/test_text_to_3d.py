@@ -416,13 +416,15 @@ def test_train_resume_and_export(prior_set, tmp_path, method):
     assert not any("prior" in k or "points" in k for k in state)  # the prior's images are not inside
     if method == "sdi-nerfacto":
         return  # one export round-trip is enough; sdi differs only in guidance
+    # a resume runs the steps left of the planned total (raised here from 2 to 6: steps 2 to 5)
     resume = ns_train(
-        method, tmp_path / "resumed", prior_set, "--load-dir", str(run / "nerfstudio_models"), steps=4
+        method, tmp_path / "resumed", prior_set, "--load-dir", str(run / "nerfstudio_models"), steps=6
     )
     proc = run_cli(resume, env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 of the 6 planned steps are left" in proc.stdout
     (last,) = (tmp_path / "resumed").rglob("step-*.ckpt")
-    assert last.name == "step-000000005.ckpt"  # continued from step 2 (4 more steps), not from 0
+    assert last.name == "step-000000005.ckpt"  # continued from step 2, not from 0
     for exporter, extra, produced in [
         ("pointcloud", ["--num-points", "256", "--normal-method", "open3d"], "point_cloud.ply"),
         ("tsdf", ["--resolution", "32", "--batch-size", "4", "--texture-method", "tsdf"], "tsdf_mesh.ply"),
