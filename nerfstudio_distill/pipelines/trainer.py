@@ -69,6 +69,7 @@ class DistillTrainerConfig(TrainerConfig):
             check_run(self)
         except DistillError as err:
             raise SystemExit(exit_message(err)) from None
+        self.get_base_dir().mkdir(parents=True, exist_ok=True)  # the viewer writes there during setup
 
 
 @dataclass
@@ -282,7 +283,7 @@ class DistillTrainer(Trainer):
         except OSError as err:  # an image of --data or of the prior set that is missing or cut short
             raise SystemExit(
                 f"error: a file could not be read while building the run ({one_line(err, 150)}): check the "
-                "images of --data and of the prior's folder"
+                "path it names (an image of --data or of the prior's folder?)"
             ) from None
         if self._signal is not None:
             raise SystemExit(
