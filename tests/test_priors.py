@@ -13,7 +13,11 @@ import torch
 from PIL import Image
 
 from nerfstudio_distill.priors import (
+    CFG,
+    Branch,
+    Condition,
     ExactPrior,
+    Prior,
     PriorInputError,
     PriorLoadError,
     StableDiffusionPrior,
@@ -21,6 +25,7 @@ from nerfstudio_distill.priors import (
     import_diffusers,
     v_to_eps,
 )
+from nerfstudio_distill.priors.base import scaled_linear_betas
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
 
 
@@ -122,6 +127,109 @@ def test_exact_cfg_one_call(monkeypatch):
     calls.clear()
     prior.predict_noise(x, t[:1], ["left", "up"], guidance_scale=1.0)  # no CFG: G·B rows, one call
     assert calls == [2 * 3]
+
+
+# ------------------------------------------------------------------------------- conditions and CFG branches
+class ImagePrior(Prior):
+    """ε̂ = tanh(x_t + c_y) + 0.5 · image + 0.1 · camera · (1 + t/T): text, image and camera each change ε̂."""
+
+    takes_image = True
+    takes_camera = True
+
+    def __init__(self) -> None:
+        super().__init__(scaled_linear_betas(), guidance_scale=2.0)
+
+    def encode(self, images):
+        return images
+
+    def _embed(self, prompt):
+        return torch.tensor(sum(map(ord, prompt)) % 17 / 10.0)
+
+    def _eps(self, x_t, t, conds, images=None, cameras=None):
+        out = torch.tanh(x_t.double() + torch.stack(list(conds)).double().reshape(-1, 1, 1, 1))
+        if images is not None:
+            out = out + 0.5 * torch.stack([torch.zeros(x_t.shape[1:]) if i is None else i for i in images])
+        if cameras is not None:
+            cam = torch.stack([torch.zeros(2) if c is None else c for c in cameras]).sum(1)
+            out = out + 0.1 * (cam * (1 + t / 1000)).reshape(-1, 1, 1, 1)
+        return out.float()
+
+
+def one_branch(prior, x, t, condition):
+    """ε̂ of ONE condition and no guidance (scale 1), for writing CFG formulas out by hand."""
+    return prior.predict_noise(x[None], t, [condition], 1.0)[0]
+
+
+def count_eps(prior, monkeypatch):
+    calls = []
+    inner = prior._eps
+    monkeypatch.setattr(prior, "_eps", lambda *a, **k: (calls.append(a[0].shape[0]), inner(*a, **k))[1])
+    return calls
+
+
+def test_instruct_cfg_matches_the_three_branch_formula(monkeypatch):
+    """InstructPix2Pix's CFG (Brooks et al. 2023, Eq. 3), written out from single-branch calls; one call."""
+    prior = ImagePrior()
+    g = torch.Generator().manual_seed(0)
+    x, image = torch.randn(2, 3, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 4, 4, generator=g)
+    t = torch.tensor([10, 500, 990])
+    conditions = [Condition("cat", image[0]), Condition("dog", image[1][:1])]  # per element / one for all
+    calls = count_eps(prior, monkeypatch)
+    out = prior.predict_noise(x, t, conditions, CFG.instruct(text_scale=7.5, image_scale=1.5))
+    assert calls == [3 * 2 * 3]
+    for k, c in enumerate(conditions):
+        both = one_branch(prior, x[k], t, c)
+        image_only = one_branch(prior, x[k], t, Condition("", c.image))
+        neither = one_branch(prior, x[k], t, Condition(""))
+        expected = neither + 1.5 * (image_only - neither) + 7.5 * (both - image_only)
+        torch.testing.assert_close(out[k], expected)
+
+
+def test_text_cfg_drops_every_condition(monkeypatch):
+    """Two-branch text CFG: the unconditional branch drops text, image and camera; one call of 2·G·B."""
+    prior = ImagePrior()
+    g = torch.Generator().manual_seed(1)
+    x, image, camera = torch.randn(1, 2, 2, 4, 4, generator=g), torch.randn(2, 2, 4, 4), torch.randn(2, 2)
+    t = torch.tensor([300])
+    c = Condition("cat", image, camera)
+    calls = count_eps(prior, monkeypatch)
+    out = prior.predict_noise(x, t, [c], 4.0)
+    assert calls == [2 * 1 * 2]
+    cond, uncond = one_branch(prior, x[0], t, c), one_branch(prior, x[0], t, Condition(""))
+    torch.testing.assert_close(out[0], uncond + 4.0 * (cond - uncond))
+    by_hand = CFG((Branch(text=False, image=False, camera=False), Branch(scale=4.0)))
+    assert torch.equal(prior.predict_noise(x, t, [c], by_hand), out)
+
+
+def test_cfg_object_equals_the_scale(monkeypatch):
+    """CFG.text(s) and a bare scale are the same call; strings are text-only conditions."""
+    points, labels = toy_2d()
+    prior = ExactPrior(points, labels, sigma=0.2)
+    x, t = torch.randn(2, 3, 2), torch.tensor([20, 500, 980])
+    calls = count_eps(prior, monkeypatch)
+    for scale in (1.0, 4.0):
+        expected = prior.predict_noise(x, t, ["left", "up"], scale)
+        assert torch.equal(prior.predict_noise(x, t, [Condition("left"), "up"], CFG.text(scale)), expected)
+    assert calls == [2 * 3, 2 * 3, 2 * 2 * 3, 2 * 2 * 3]
+
+
+@pytest.mark.parametrize("kind", ["image", "camera"])
+def test_text_priors_refuse_image_and_camera(kind):
+    points, labels = toy_2d()
+    prior = ExactPrior(points, labels)
+    condition = Condition("left", **{kind: torch.zeros(1, 2)})
+    with pytest.raises(PriorInputError) as e:
+        prior.predict_noise(torch.randn(1, 3, 2), torch.tensor([100]), [condition], 3.0)
+    assert_one_line(e, f"ExactPrior takes no {kind} condition", f"drop {kind}=")
+
+
+def test_condition_batch_must_match():
+    prior = ImagePrior()
+    with pytest.raises(PriorInputError) as e:
+        prior.predict_noise(
+            torch.randn(1, 3, 2, 4, 4), torch.tensor([100]), [Condition("a", torch.zeros(2, 2, 4, 4))]
+        )
+    assert_one_line(e, "one image per batch element (3 x ...)")
 
 
 def test_exact_errors():

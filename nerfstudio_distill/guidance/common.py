@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nerfstudio_distill.errors import DistillError
-from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.errors import DistillError, PriorInputError
+from nerfstudio_distill.priors.base import Condition, Prior
 
 WEIGHTINGS = ("sds", "uniform", "fantasia", "sqrt")
 """Valid names for :func:`weight`."""
@@ -228,9 +228,11 @@ def resolve_noise(
     return noise.detach().to(device=x0.device, dtype=x0.dtype)
 
 
-def check_prompt(prompt: str, name: str = "prompt") -> None:
-    """A target prompt must be non-empty text ("" is the unconditional branch, not a target)."""
-    if not isinstance(prompt, str) or not prompt.strip():
+def check_prompt(prompt: str | Condition, name: str = "prompt") -> None:
+    """A target prompt must be non-empty text ("" is the unconditional branch, not a target); for a
+    :class:`~nerfstudio_distill.priors.base.Condition`, its text."""
+    text = prompt.prompt if isinstance(prompt, Condition) else prompt
+    if not isinstance(text, str) or not text.strip():
         raise PriorInputError(
             f"{name}={prompt!r} is empty: '' means unconditional and is not a valid target; "
             "pass the text to distil"

@@ -21,7 +21,7 @@ from nerfstudio_distill.guidance.dds import dds
 from nerfstudio_distill.guidance.pds import pds
 from nerfstudio_distill.guidance.sdi import sdi
 from nerfstudio_distill.guidance.sds import sds
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Condition, Prior
 
 METHODS = ("sds", "sdi", "dds", "pds")
 EDIT_METHODS = ("sds", "dds", "pds")
@@ -112,10 +112,10 @@ class GuidanceConfig:
         self,
         prior: Prior,
         x0: Float[Tensor, " B *latent"],
-        prompt: str,
+        prompt: str | Condition,
         *,
         x0_src: Float[Tensor, " B *latent"] | None = None,
-        prompt_src: str = "",
+        prompt_src: str | Condition = "",
         progress: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> GuidanceOutput:

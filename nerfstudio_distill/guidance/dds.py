@@ -17,15 +17,15 @@ from nerfstudio_distill.guidance.common import (
     resolve_timesteps,
     weight,
 )
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Condition, Prior
 
 
 def dds(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
     x0_src: Float[Tensor, " B *latent"],
-    prompt: str,
-    prompt_src: str,
+    prompt: str | Condition,
+    prompt_src: str | Condition,
     *,
     t: Int[Tensor, " B"] | int | None = None,
     noise: Float[Tensor, " B *latent"] | None = None,

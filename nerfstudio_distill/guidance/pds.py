@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from nerfstudio_distill.errors import PriorInputError
 from nerfstudio_distill.guidance.common import (
     GuidanceOutput,
     add_noise,
@@ -50,7 +51,7 @@ from nerfstudio_distill.guidance.common import (
     finish,
     resolve_noise,
 )
-from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.priors.base import Condition, Prior
 
 PDS_SCHEDULES = ("reference", "consecutive")
 """Valid values of ``schedule`` in :func:`pds`."""
@@ -132,8 +133,8 @@ def pds(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
     x0_src: Float[Tensor, " B *latent"],
-    prompt: str,
-    prompt_src: str,
+    prompt: str | Condition,
+    prompt_src: str | Condition,
     *,
     t: Int[Tensor, " B"] | int | None = None,
     noise: Float[Tensor, " B *latent"] | None = None,

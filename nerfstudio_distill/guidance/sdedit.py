@@ -10,14 +10,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from nerfstudio_distill.errors import PriorInputError
 from nerfstudio_distill.guidance.common import add_noise, check_prompt, ddim_step, resolve_noise
-from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.priors.base import Condition, Prior
 
 
 def sdedit(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
-    prompt: str,
+    prompt: str | Condition,
     *,
     strength: float = 0.3,
     num_steps: int = 10,

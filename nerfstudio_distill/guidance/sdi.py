@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from nerfstudio_distill.errors import PriorInputError
 from nerfstudio_distill.guidance.common import (
     GuidanceOutput,
     batchwise,
@@ -17,7 +18,7 @@ from nerfstudio_distill.guidance.common import (
     resolve_timesteps,
     weight,
 )
-from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.priors.base import Condition, Prior
 
 
 def inversion_timesteps(t: Int[Tensor, " B"], num_steps: int) -> Int[Tensor, "K B"]:
@@ -30,7 +31,7 @@ def ddim_invert(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
     t: Int[Tensor, " B"],
-    prompt: str,
+    prompt: str | Condition,
     *,
     num_steps: int = 10,
     guidance_scale: float = -7.5,
@@ -94,7 +95,7 @@ def ddim_invert(
 def sdi(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
-    prompt: str,
+    prompt: str | Condition,
     *,
     t: Int[Tensor, " B"] | int | None = None,
     guidance_scale: float | None = None,

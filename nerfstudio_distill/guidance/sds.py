@@ -18,13 +18,13 @@ from nerfstudio_distill.guidance.common import (
     resolve_timesteps,
     weight,
 )
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Condition, Prior
 
 
 def sds(
     prior: Prior,
     x0: Float[Tensor, " B *latent"],
-    prompt: str,
+    prompt: str | Condition,
     *,
     t: Int[Tensor, " B"] | int | None = None,
     noise: Float[Tensor, " B *latent"] | None = None,

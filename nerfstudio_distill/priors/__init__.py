@@ -4,7 +4,15 @@ Importing this package never imports diffusers or transformers; :class:`StableDi
 them when it is constructed.
 """
 
-from .base import Prior, PriorInputError, classifier_free_guidance, scaled_linear_betas
+from .base import (
+    CFG,
+    Branch,
+    Condition,
+    Prior,
+    PriorInputError,
+    classifier_free_guidance,
+    scaled_linear_betas,
+)
 from .config import ExactPriorConfig, PriorConfig
 from .exact import ExactPrior
 from .stable_diffusion import (
@@ -16,6 +24,9 @@ from .stable_diffusion import (
 )
 
 __all__ = [
+    "CFG",
+    "Branch",
+    "Condition",
     "ExactPrior",
     "ExactPriorConfig",
     "Prior",

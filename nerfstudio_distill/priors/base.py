@@ -9,7 +9,12 @@ Conventions
 - Images are ``B x 3 x H x W`` in [0, 1]. Latents are whatever ``encode`` returns.
 - ``t`` is an integer training timestep in ``[0, num_train_timesteps)``, one per batch
   element.
-- The unconditional branch is the empty prompt ``""``.
+- Each group of a call has a :class:`Condition`: its text, and optionally an image (latents of a
+  conditioning image, which an image-conditioned prior such as InstructPix2Pix concatenates to the
+  network input's channels) and a camera. A plain string is the text-only condition.
+- Classifier-free guidance is a :class:`CFG`: a list of :class:`Branch` es, each keeping some parts of
+  the condition and dropping the rest. Two-branch text CFG and InstructPix2Pix's three-branch CFG are
+  the same code. A dropped text is the empty prompt ``""``.
 - The network never records autograd; the only differentiable path is ``encode``.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -24,7 +30,15 @@ from torch import Tensor, nn
 
 from nerfstudio_distill.errors import PriorInputError
 
-__all__ = ["Prior", "PriorInputError", "classifier_free_guidance", "scaled_linear_betas"]
+__all__ = [
+    "CFG",
+    "Branch",
+    "Condition",
+    "Prior",
+    "PriorInputError",
+    "classifier_free_guidance",
+    "scaled_linear_betas",
+]
 
 
 def classifier_free_guidance(
@@ -32,6 +46,80 @@ def classifier_free_guidance(
 ) -> Float[Tensor, "*bs"]:
     """ε̂ = ε̂(x_t, ∅) + s · (ε̂(x_t, y) − ε̂(x_t, ∅))  (Ho & Salimans 2022, Eq. 6)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+@dataclass(frozen=True, eq=False)
+class Condition:
+    """What one group of a :meth:`Prior.predict_noise` call is conditioned on."""
+
+    prompt: str = ""
+    """The text ("" is the unconditional prompt)."""
+    image: Float[Tensor, "b C h w"] | None = None
+    """Latents of a conditioning image, one per batch element (b = B) or one for all (b = 1), as the
+    prior expects them (InstructPix2Pix: the VAE latents of the source view, concatenated to x_t's
+    channels). None: no image condition."""
+    camera: Float[Tensor, "b D"] | None = None
+    """A camera per batch element (b = B) or one for all (b = 1), in the prior's own encoding. None: no
+    camera condition."""
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One network evaluation of a :class:`CFG`: the condition with some of its parts kept."""
+
+    scale: float = 1.0
+    """s_i on (ε̂_i − ε̂_{i−1}); unused for the first branch."""
+    text: bool = True
+    """Keep the prompt (False: the empty prompt "")."""
+    image: bool = True
+    """Keep the image condition (False: none)."""
+    camera: bool = True
+    """Keep the camera condition (False: none)."""
+
+    def apply(self, condition: Condition) -> Condition:
+        """The condition this branch evaluates."""
+        return Condition(
+            condition.prompt if self.text else "",
+            condition.image if self.image else None,
+            condition.camera if self.camera else None,
+        )
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance over branches 0..k: ε̂ = ε̂_0 + Σ_{i≥1} s_i (ε̂_i − ε̂_{i−1}).
+
+    Text CFG (Ho & Salimans 2022, Eq. 6) is [unconditional, conditional] with s_1 = s;
+    InstructPix2Pix (Brooks et al. 2023, Eq. 3) is [(∅, ∅), (∅, image), (text, image)] with s_I, s_T.
+    """
+
+    branches: tuple[Branch, ...]
+    """Branch 0 first; one network row per branch, group and batch element."""
+
+    @classmethod
+    def text(cls, scale: float) -> CFG:
+        """ε̂(∅) + s (ε̂(y) − ε̂(∅)); scale 1 is the conditional branch alone (half the batch)."""
+        if scale == 1.0:
+            return cls((Branch(),))
+        return cls((Branch(text=False, image=False, camera=False), Branch(scale=scale)))
+
+    @classmethod
+    def instruct(cls, text_scale: float, image_scale: float) -> CFG:
+        """ε̂(∅, ∅) + s_I (ε̂(∅, c_I) − ε̂(∅, ∅)) + s_T (ε̂(c_T, c_I) − ε̂(∅, c_I)) (InstructPix2Pix Eq. 3)."""
+        return cls(
+            (
+                Branch(text=False, image=False),
+                Branch(scale=image_scale, text=False),
+                Branch(scale=text_scale),
+            )
+        )
+
+    def combine(self, eps: Float[Tensor, " K *bs"]) -> Float[Tensor, " *bs"]:
+        """ε̂ = ε̂_0 + Σ_{i≥1} s_i (ε̂_i − ε̂_{i−1}) from the branches' predictions stacked in order."""
+        out = eps[0]
+        for i in range(1, len(self.branches)):
+            out = out + self.branches[i].scale * (eps[i] - eps[i - 1])
+        return out
 
 
 def scaled_linear_betas(
@@ -166,32 +254,46 @@ class Prior(nn.Module, abc.ABC):
         return out
 
     # ------------------------------------------------------------------ network
+    takes_image: bool = False
+    """Whether ``_eps`` takes an image condition (``images=``); a Condition with an image is refused else."""
+    takes_camera: bool = False
+    """Whether ``_eps`` takes a camera condition (``cameras=``); a Condition with a camera is refused else."""
+
     @abc.abstractmethod
     def _eps(self, x_t: Float[Tensor, " N *latent"], t: Int[Tensor, " N"], conds: Sequence[Tensor]) -> Tensor:
-        """ONE network evaluation of ε̂ for a batch whose row i has condition ``conds[i]``.
+        """ONE network evaluation of ε̂ for a batch whose row i has text condition ``conds[i]``.
 
-        Returns float32 on the prior's device. Called without autograd.
+        Priors with ``takes_image`` / ``takes_camera`` also get ``images=`` / ``cameras=``: one entry per
+        row, the row's image latents ``C x h x w`` / camera ``D``, or None where the row's branch drops
+        it (each prior applies its own null condition, e.g. zeros for InstructPix2Pix). Neither keyword
+        is passed when no group of the call has that condition. Returns float32 on the prior's device.
+        Called without autograd.
         """
 
     def predict_noise(
         self,
         x_t: Float[Tensor, "G B *latent"],
         t: Int[Tensor, " B"],
-        prompts: Sequence[str],
-        guidance_scale: float | None = None,
+        prompts: Sequence[str | Condition],
+        guidance_scale: float | CFG | None = None,
     ) -> Float[Tensor, "G B *latent"]:
         """CFG noise prediction for G groups in one network call.
 
-        Group g is ``x_t[g]`` conditioned on ``prompts[g]``. With CFG each group also
-        runs unconditionally, so the call has batch 2·G·B (G·B when the scale is 1).
+        Group g is ``x_t[g]`` under ``prompts[g]`` (a :class:`Condition`, or a string for text only).
+        ``guidance_scale`` is the text CFG scale (None: the prior's default; 1 runs the conditional
+        branch alone), or a :class:`CFG` with any branches. The call has batch K·G·B for K branches:
         SDS uses G = 1 (2 branches); DDS and PDS use G = 2 (4 branches).
         Returns float32 on ``x_t``'s device, detached.
         """
-        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if isinstance(guidance_scale, CFG):
+            cfg = guidance_scale
+        else:
+            cfg = CFG.text(self.guidance_scale if guidance_scale is None else float(guidance_scale))
+        conditions = [c if isinstance(c, Condition) else Condition(c) for c in prompts]
         groups = x_t.shape[0]
-        if len(prompts) != groups:
+        if len(conditions) != groups:
             raise PriorInputError(
-                f"got {len(prompts)} prompts for {groups} groups: pass one prompt per group"
+                f"got {len(conditions)} prompts for {groups} groups: pass one prompt per group"
             )
         t = self.check_timesteps(t).to(self.device)
         batch = x_t.shape[1]
@@ -199,13 +301,38 @@ class Prior(nn.Module, abc.ABC):
             t = t.expand(batch)
         out_device = x_t.device
         x = x_t.detach().to(self.device)
-        with_uncond = scale != 1.0
-        names = list(prompts) + ([""] * groups if with_uncond else [])
-        conds = [c for c in self.embed(names) for _ in range(batch)]
-        x_in = torch.cat([x] * (2 if with_uncond else 1)).flatten(0, 1)
+        # Rows: the last branch's groups first (the conditional one, as diffusers orders its batches).
+        rows = [branch.apply(c) for branch in reversed(cfg.branches) for c in conditions]
+        conds = [e for e in self.embed([c.prompt for c in rows]) for _ in range(batch)]
+        extra = self._row_conditions(rows, batch)
+        x_in = torch.cat([x] * len(cfg.branches)).flatten(0, 1)
         with torch.no_grad():
-            eps = self._eps(x_in, t.repeat(len(names)), conds).float()
-        eps = eps.unflatten(0, (len(names), batch))
-        if with_uncond:
-            eps = classifier_free_guidance(eps[groups:], eps[:groups], scale)
-        return eps.to(out_device)
+            eps = self._eps(x_in, t.repeat(len(rows)), conds, **extra).float()
+        eps = eps.unflatten(0, (len(cfg.branches), groups, batch)).flip(0)  # branch 0 first
+        return cfg.combine(eps).to(out_device)
+
+    def _row_conditions(self, rows: Sequence[Condition], batch: int) -> dict[str, list[Tensor | None]]:
+        """``images=`` / ``cameras=`` of ``_eps`` (one entry per network row) for the conditions that any
+        row has; a one-line error when this prior cannot take them."""
+        extra = {}
+        for kind, takes in (("image", self.takes_image), ("camera", self.takes_camera)):
+            values = [getattr(c, kind) for c in rows]
+            if all(v is None for v in values):
+                continue
+            if not takes:
+                raise PriorInputError(
+                    f"{type(self).__name__} takes no {kind} condition: drop {kind}= from the Condition, or use "
+                    f"a prior conditioned on {kind}s"
+                )
+            per_row: list[Tensor | None] = []
+            for v in values:
+                if v is not None and (v.ndim < 2 or v.shape[0] not in (1, batch)):
+                    raise PriorInputError(
+                        f"the {kind} condition has shape {tuple(v.shape)}: pass one {kind} per batch element "
+                        f"({batch} x ...) or one for all (1 x ...)"
+                    )
+                per_row += [
+                    None if v is None else v[b if v.shape[0] > 1 else 0].to(self.device) for b in range(batch)
+                ]
+            extra[f"{kind}s"] = per_row
+        return extra
