@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nerfstudio_distill.data.scene import SceneError, load_scene, render, with_attributes
+from nerfstudio_distill.data.scene import load_scene, render, with_attributes
+from nerfstudio_distill.errors import SceneError
 from nerfstudio_distill.priors.config import EXACT_PRIOR_FILE
 
 PATTERN_VARIANTS: list[dict[str, Any]] = [

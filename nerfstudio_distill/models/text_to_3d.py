@@ -39,7 +39,7 @@ from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.utils import colormaps
 from torch import Tensor, nn
 
-from nerfstudio_distill.pipelines.common import nerfacto_regularizers
+from nerfstudio_distill.models.regularizers import nerfacto_regularizers
 
 ALBEDO, LAMBERTIAN, TEXTURELESS = 0, 1, 2
 """Shading modes of a training view."""

@@ -1,5 +1,5 @@
-"""Pieces every distillation pipeline shares: chunked differentiable rendering, the prior's input, the
-NaN/Inf guard and nerfacto's sampling regularisers.
+"""Pieces every distillation pipeline shares: chunked differentiable rendering, the prior's input and
+the NaN/Inf guard.
 
 A guidance step renders whole images with autograd. When an image has more rays than ``chunk_size`` it
 is done in two passes: render without autograd, get the gradient on the image from the guidance, then
@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.cameras.rays import RayBundle
-from nerfstudio.model_components.losses import distortion_loss, interlevel_loss
 from nerfstudio.models.base_model import Model
 from torch import Tensor
 
-from nerfstudio_distill.errors import DistillError
-from nerfstudio_distill.priors.base import Prior, PriorInputError
+from nerfstudio_distill.errors import DistillError, PriorInputError
+from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
 
 Regularizers = Callable[[dict[str, Any]], dict[str, Tensor]]
@@ -34,7 +33,7 @@ def render_in_chunks(model: Model, rays: RayBundle, chunk_size: int, with_grad: 
     """Render a ``*shape`` bundle in chunks; tensor outputs reshaped to ``*shape x C``.
 
     With a single chunk in training mode, nerfacto's ``weights_list``/``ray_samples_list`` are passed
-    through (flat), for :func:`nerfacto_regularizers`.
+    through (flat), for :func:`~nerfstudio_distill.models.regularizers.nerfacto_regularizers`.
     """
     shape = rays.shape
     flat = rays.flatten()
@@ -72,18 +71,6 @@ def backward_in_chunks(
         if regularizers is not None:
             loss = loss + share * sum(regularizers(out).values())
         (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
-
-
-def nerfacto_regularizers(model: Model, outputs: dict[str, Any]) -> dict[str, Tensor]:
-    """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode)."""
-    if "weights_list" not in outputs:
-        return {}
-    weights, samples = outputs["weights_list"], outputs["ray_samples_list"]
-    cfg = model.config
-    return {
-        "interlevel_loss": cfg.interlevel_loss_mult * interlevel_loss(weights, samples),
-        "distortion_loss": cfg.distortion_loss_mult * distortion_loss(weights, samples),
-    }
 
 
 def prior_size(height: int, width: int, size: int | None, multiple: int = 1) -> tuple[int, int]:

@@ -36,6 +36,7 @@ from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance.config import EDIT_METHODS, GuidanceConfig
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
+from nerfstudio_distill.models.regularizers import nerfacto_regularizers
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
     backward_in_chunks,
@@ -43,7 +44,6 @@ from nerfstudio_distill.pipelines.common import (
     first_non_finite,
     grads_finite,
     live_prompt,
-    nerfacto_regularizers,
     prior_size,
     render_in_chunks,
     to_prior,

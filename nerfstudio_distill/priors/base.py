@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from nerfstudio_distill.errors import PriorInputError
+from nerfstudio_distill.errors import PriorInputError, PriorLoadError
 
 __all__ = [
     "CFG",
@@ -132,8 +132,6 @@ def scaled_linear_betas(
 def check_device(device: str | torch.device | None, flag: str) -> None:
     """One-line :class:`~nerfstudio_distill.errors.PriorLoadError` naming ``flag`` when ``device`` is not a
     device of this machine (None: the default, always fine)."""
-    from nerfstudio_distill.errors import PriorLoadError
-
     if device is None:
         return
     try:

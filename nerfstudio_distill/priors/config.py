@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from nerfstudio_distill.errors import PriorLoadError
 from nerfstudio_distill.priors.base import Prior, check_device
-from nerfstudio_distill.priors.stable_diffusion import (
-    PriorLoadError,
-    StableDiffusionPrior,
-    StableDiffusionPriorConfig,
-)
+from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPrior, StableDiffusionPriorConfig
 
 EXACT_PRIOR_FILE = "exact_prior.json"
 """Index of an exact-prior image set: ``{"prompts": {"<prompt>": "<subfolder>", ...}, "sigma": 0.0}``."""

@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from nerfstudio_distill.errors import PriorLoadError
+from nerfstudio_distill.errors import PriorInputError, PriorLoadError
 
-from .base import Prior, PriorInputError, scaled_linear_betas
+from .base import Prior, scaled_linear_betas
 
 
 class ExactPrior(Prior):
