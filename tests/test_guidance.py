@@ -6,9 +6,12 @@ Two priors: the closed-form :class:`ExactPrior` (a labelled Gaussian mixture) an
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
+from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance import (
     WEIGHTINGS,
     TimestepSchedule,
@@ -18,6 +21,7 @@ from nerfstudio_distill.guidance import (
     sds,
     weight,
 )
+from nerfstudio_distill.guidance.config import METHODS, GuidanceConfig, MethodName, method_names
 from nerfstudio_distill.priors.base import Prior, PriorInputError, scaled_linear_betas
 from nerfstudio_distill.priors.exact import ExactPrior
 
@@ -64,6 +68,10 @@ def make_prior(kind: str) -> Prior:
 @pytest.fixture(params=["exact", "tanh"])
 def prior(request) -> Prior:
     return make_prior(request.param)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def randn(*shape, seed: int) -> torch.Tensor:
@@ -287,6 +295,59 @@ def test_one_network_call_per_step(prior, method, calls):
     prior.calls = 0
     out()
     assert prior.calls == calls
+
+
+OPTIONS = dict(
+    weighting="fantasia",
+    grad_clip=0.5,
+    psi_scale=0.7,
+    chi_scale=1.3,
+    pds_rule="reference",
+    pds_schedule="reference",
+    num_grid_steps=50,
+    num_inversion_steps=2,
+    inversion_guidance_scale=-2.0,
+    inversion_eta=0.1,
+)
+
+
+def call_by_hand(prior, method, x0, src, t, generator):
+    """Each method's function with GuidanceConfig(**OPTIONS)'s values written out by hand."""
+    common = dict(t=t, guidance_scale=SCALE, generator=generator)
+    if method == "sds":
+        return sds(prior, x0, "cat", weighting="fantasia", grad_clip=0.5, **common)
+    if method == "sdi":
+        return sdi(
+            prior, x0, "cat", weighting="fantasia", grad_clip=0.5, inversion_guidance_scale=-2.0,
+            num_inversion_steps=2, inversion_eta=0.1, **common,
+        )  # fmt: skip
+    if method == "dds":
+        return dds(prior, x0, src, "cat", "dog", **common)
+    return pds(
+        prior, x0, src, "cat", "dog", schedule="reference", num_grid_steps=50, psi_scale=0.7, chi_scale=1.3,
+        rule="reference", **common,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["sds", "sdi", "dds", "pds"])
+def test_config_calls_its_method_with_its_options(prior, method):
+    """GuidanceConfig dispatches through its method table to the same call as written by hand."""
+    config = GuidanceConfig(method=method, guidance_scale=SCALE, **OPTIONS)
+    x0, src = latents(), latents(5).detach()
+    out = config(prior, x0, "cat", x0_src=src, prompt_src="dog", progress=0.3, generator=gen(7))
+    rng = gen(7)
+    t = config.sample_t(prior, x0.shape[0], 0.3, rng)
+    expected = call_by_hand(prior, method, x0, src, t, rng)
+    assert torch.equal(out.t, expected.t) and torch.equal(out.grad, expected.grad)
+
+
+def test_method_table_matches_the_cli_choices():
+    assert list(get_args(MethodName)) == list(METHODS)
+    assert method_names(edits=True) == ["sds", "dds", "pds"]
+    assert method_names(needs_source=False) == ["sds", "sdi"]
+    with pytest.raises(DistillError) as err:
+        GuidanceConfig(method="vsd").check()
+    assert "use one of sds, sdi, dds, pds" in one_line(err)
 
 
 @pytest.mark.parametrize("n", [1, 10])

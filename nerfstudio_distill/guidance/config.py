@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,16 +24,74 @@ from nerfstudio_distill.guidance.sdi import sdi
 from nerfstudio_distill.guidance.sds import sds
 from nerfstudio_distill.priors.base import Condition, Prior
 
-METHODS = ("sds", "sdi", "dds", "pds")
-EDIT_METHODS = ("sds", "dds", "pds")
-"""Methods that need a source image (dds, pds) or can use one (sds ignores it)."""
+
+@dataclass(frozen=True)
+class Method:
+    """What the pipelines need to know of a guidance method, so none of them branches on its name."""
+
+    run: Callable[..., GuidanceOutput]
+    """The guidance function: ``run(prior, x0, [x0_src,] prompt, [prompt_src,] t=, guidance_scale=,
+    generator=, **options)``."""
+    needs_source: bool = False
+    """Takes the unedited view's latents and prompt (x0_src, prompt_src) after x0 and the prompt."""
+    edits: bool = False
+    """Usable to edit a trained scene (pds-edit, dds-edit, sds-edit)."""
+    uses_inversion: bool = False
+    """Finds its noise by DDIM inversion (several network calls per step)."""
+    grid_timesteps: bool = False
+    """Snaps t to its DDIM grid (``GuidanceConfig.num_grid_steps``) unless the schedule is consecutive."""
+    options: dict[str, str] = field(default_factory=dict)
+    """Keyword of ``run`` -> the GuidanceConfig field passed to it."""
+
+
+METHODS: dict[str, Method] = {
+    "sds": Method(sds, edits=True, options={"weighting": "weighting", "grad_clip": "grad_clip"}),
+    "sdi": Method(
+        sdi,
+        uses_inversion=True,
+        options={
+            "weighting": "weighting",
+            "grad_clip": "grad_clip",
+            "inversion_guidance_scale": "inversion_guidance_scale",
+            "num_inversion_steps": "num_inversion_steps",
+            "inversion_eta": "inversion_eta",
+        },
+    ),
+    "dds": Method(dds, needs_source=True, edits=True),
+    "pds": Method(
+        pds,
+        needs_source=True,
+        edits=True,
+        grid_timesteps=True,
+        options={
+            "schedule": "pds_schedule",
+            "num_grid_steps": "num_grid_steps",
+            "psi_scale": "psi_scale",
+            "chi_scale": "chi_scale",
+            "rule": "pds_rule",
+        },
+    ),
+}
+"""The one table of guidance methods (``--pipeline.guidance.method``), by name."""
+
+MethodName = Literal["sds", "sdi", "dds", "pds"]
+"""The names of :data:`METHODS`, for tyro's choices (a test keeps the two equal)."""
+
+
+def method_names(edits: bool | None = None, needs_source: bool | None = None) -> list[str]:
+    """Names of the methods with these properties (None: either), in table order."""
+    return [
+        name
+        for name, m in METHODS.items()
+        if edits in (None, m.edits) and needs_source in (None, m.needs_source)
+    ]
 
 
 @dataclass
 class GuidanceConfig:
     """Which score-distillation gradient drives the scene, and its knobs."""
 
-    method: Literal["sds", "sdi", "dds", "pds"] = "pds"
+    method: MethodName = "pds"
     """sds: w(t)(ε̂ − ε) (DreamFusion). sdi: SDS with the noise found by DDIM inversion. dds: ε̂_tgt − ε̂_src
     (Delta Denoising Score). pds: ψ(t)(x0 − x0_src) + χ(t)(ε̂_tgt − ε̂_src) (Posterior Distillation Sampling)."""
     guidance_scale: float = 7.5
@@ -68,9 +127,18 @@ class GuidanceConfig:
     inversion_eta: float = 0.0
     """SDI: stochasticity added to each inversion step (0: deterministic DDIM)."""
 
+    @property
+    def spec(self) -> Method:
+        """The table entry of :attr:`method`."""
+        return METHODS[self.method]
+
     def check(self) -> None:
         """One-line errors (a warning for a negative CFG scale) for options no run can use."""
         flag = "--pipeline.guidance."
+        if self.method not in METHODS:
+            raise DistillError(
+                f"{flag}method {self.method!r} is not a method: use one of {', '.join(METHODS)}"
+            )
         for name in ("guidance_scale", "psi_scale", "chi_scale", "inversion_guidance_scale", "inversion_eta"):
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -102,7 +170,7 @@ class GuidanceConfig:
     def sample_t(self, prior: Prior, batch: int, progress: float, generator=None) -> Int[Tensor, " B"]:
         """t for this step: uniform in the (annealed) range; for PDS snapped to its grid past point 0."""
         t = self.timesteps.sample(batch, progress, generator, prior.num_train_timesteps)
-        if self.method != "pds" or self.pds_schedule == "consecutive":
+        if not self.spec.grid_timesteps or self.pds_schedule == "consecutive":
             return t.clamp(min=1)
         grid = prior.timestep_grid(self.num_grid_steps)
         index = (t[:, None] - grid[None, :]).abs().argmin(1).clamp(min=1)
@@ -120,40 +188,12 @@ class GuidanceConfig:
         generator: torch.Generator | None = None,
     ) -> GuidanceOutput:
         """One guidance evaluation at a t drawn for ``progress`` (step / max steps, in [0, 1])."""
+        spec = self.spec
         t = self.sample_t(prior, x0.shape[0], progress, generator)
-        cfg = self.guidance_scale
-        if self.method in ("dds", "pds"):
+        options = {keyword: getattr(self, name) for keyword, name in spec.options.items()}
+        args: tuple = (x0, prompt)
+        if spec.needs_source:
             if x0_src is None:
                 raise ValueError(f"{self.method} needs source latents: pass x0_src (the unedited images)")
-            if self.method == "dds":
-                return dds(
-                    prior, x0, x0_src, prompt, prompt_src, t=t, guidance_scale=cfg, generator=generator
-                )
-            return pds(
-                prior,
-                x0,
-                x0_src,
-                prompt,
-                prompt_src,
-                t=t,
-                guidance_scale=cfg,
-                schedule=self.pds_schedule,
-                num_grid_steps=self.num_grid_steps,
-                psi_scale=self.psi_scale,
-                chi_scale=self.chi_scale,
-                rule=self.pds_rule,
-                generator=generator,
-            )
-        common = dict(t=t, guidance_scale=cfg, weighting=self.weighting, grad_clip=self.grad_clip)
-        if self.method == "sdi":
-            return sdi(
-                prior,
-                x0,
-                prompt,
-                inversion_guidance_scale=self.inversion_guidance_scale,
-                num_inversion_steps=self.num_inversion_steps,
-                inversion_eta=self.inversion_eta,
-                generator=generator,
-                **common,
-            )
-        return sds(prior, x0, prompt, generator=generator, **common)
+            args = (x0, x0_src, prompt, prompt_src)
+        return spec.run(prior, *args, t=t, guidance_scale=self.guidance_scale, generator=generator, **options)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
 from nerfstudio_distill.errors import DistillError
-from nerfstudio_distill.guidance.config import EDIT_METHODS, GuidanceConfig
+from nerfstudio_distill.guidance.config import GuidanceConfig, method_names
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.models.regularizers import nerfacto_regularizers
@@ -187,7 +187,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         progress = min(max(self._stage_step(step) / stage_steps, 0.0), 1.0)
         with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
             latents = self.prior.encode(self._to_prior(image.float()))
-            source = self._source(index, crop, scale) if guidance.method in ("dds", "pds") else None
+            source = self._source(index, crop, scale) if guidance.spec.needs_source else None
             self._prompt = live_prompt(self.prior, panel.target_prompt.value, self._prompt, lambda p: [p])
             out = guidance(
                 self.prior,
@@ -331,12 +331,13 @@ def check_prompts(config: EditPipelineConfig) -> None:
 def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
     """One-line errors for an edit's options, its dataset and (exact prior) its prompts and sizes."""
     check_prompts(config)
-    if config.guidance.method not in EDIT_METHODS:
-        raise DistillError(
-            f"--pipeline.guidance.method {config.guidance.method} is not an edit method: use pds, dds or sds "
-            "(or the matching ns-train pds-edit, dds-edit, sds-edit)"
-        )
     config.guidance.check()
+    if not config.guidance.spec.edits:
+        edits = method_names(edits=True)
+        raise DistillError(
+            f"--pipeline.guidance.method {config.guidance.method} is not an edit method: use "
+            f"{', '.join(edits)} (or the matching ns-train {', '.join(f'{m}-edit' for m in edits)})"
+        )
     config.prior.check()
     check_model_numbers(config.model)
     flag = "--pipeline."

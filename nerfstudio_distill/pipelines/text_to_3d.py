@@ -33,7 +33,7 @@ from nerfstudio_distill.data.random_cameras import (
     check_camera_config,
 )
 from nerfstudio_distill.errors import DistillError
-from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.config import GuidanceConfig, method_names
 from nerfstudio_distill.models.text_to_3d import TextTo3DModel, TextTo3DModelConfig
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
@@ -295,10 +295,10 @@ def check_text_to_3d(config: TextTo3DPipelineConfig) -> None:
             raise DistillError(f"--pipeline.{name.replace('_', '-')} is {value}: pass 1 or more")
     if not math.isfinite(config.guidance_weight):
         raise DistillError(f"--pipeline.guidance-weight is {config.guidance_weight}: pass a finite number")
-    if config.guidance.method not in ("sds", "sdi"):
+    if config.guidance.spec.needs_source:
         raise DistillError(
             f"--pipeline.guidance.method {config.guidance.method} needs a source image; text-to-3D has none: "
-            "use sds or sdi"
+            f"use {' or '.join(method_names(needs_source=False))}"
         )
     model = config.model
     check_model_numbers(
