@@ -28,6 +28,10 @@ from nerfstudio_distill.priors.config import PriorConfig
 Regularizers = Callable[[dict[str, Any]], dict[str, Tensor]]
 """Model outputs of some rays -> named, already weighted regulariser losses of those rays."""
 
+Guide = Callable[[Float[Tensor, "B C h w"], dict[str, Any]], tuple[Tensor, Tensor, dict[str, Any]]]
+"""(latents of the render, render outputs) -> (surrogate loss, guidance gradient on the latents, metrics):
+the method-specific middle of :meth:`TrainingPrior.guidance_step`."""
+
 
 def render_in_chunks(model: Model, rays: RayBundle, chunk_size: int, with_grad: bool) -> dict[str, Any]:
     """Render a ``*shape`` bundle in chunks; tensor outputs reshaped to ``*shape x C``.
@@ -138,8 +142,9 @@ def live_prompt(prior: Prior, typed: str, current: str, prompts_of: Callable[[st
 
 class TrainingPrior:
     """Pipeline mixin: the diffusion prior, built only when training (``ns-train``; never by ``ns-export``
-    or ``ns-viewer``) and kept outside the module tree, so its weights never enter checkpoints; and the
-    skipping of a step whose render, gradient or loss is not finite (:meth:`skip_step`)."""
+    or ``ns-viewer``) and kept outside the module tree, so its weights never enter checkpoints; the
+    guidance training step both pipelines share (:meth:`guidance_step`); and the skipping of a step whose
+    render, gradient or loss is not finite (:meth:`skip_step`)."""
 
     skip_reason: str | None = None
     """Why the last step was skipped (None: it was not); DistillTrainer counts skipped steps."""
@@ -152,6 +157,50 @@ class TrainingPrior:
         warnings.warn(f"step {step}: {reason}; step skipped", RuntimeWarning, stacklevel=3)
         zero = torch.zeros((), device=self.device, requires_grad=True)
         return outputs, {"guidance": zero}, metrics
+
+    def guidance_step(
+        self,
+        step: int,
+        rays: RayBundle,
+        guide: Guide,
+        *,
+        output: str,
+        prior_resolution: int | None,
+        chunk_size: int,
+        weight: float,
+        regularizers: Regularizers,
+        grad_scaler: Any = None,
+    ):
+        """One guidance training step, as ``get_train_loss_dict`` returns it: render ``rays`` (``*shape``),
+        encode the ``output`` image with autocast off (the guidance picks its precision), ``guide`` it, skip
+        the step on a NaN/Inf render, gradient or loss, then backpropagate ``weight`` x the guidance loss
+        plus ``regularizers``: in one pass with autograd, or in two (render, then chunk by chunk, see
+        :func:`backward_in_chunks`) when the render has more rays than ``chunk_size``."""
+        single_pass = math.prod(rays.shape) <= chunk_size
+        outputs = render_in_chunks(self.model, rays, chunk_size, with_grad=single_pass)
+        image = outputs[output]
+        if not single_pass:
+            image = image.detach().requires_grad_(True)
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            latents = self.prior.encode(to_prior(image.float(), prior_resolution, self.prior.size_multiple))
+            loss, grad, metrics = guide(latents, outputs)
+        if not torch.isfinite(image).all():
+            return self.skip_step(step, "the render has NaN/Inf (the field has diverged)", outputs, metrics)
+        if not torch.isfinite(grad).all():
+            return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
+
+        loss = loss.to(image.device) * weight
+        if single_pass:
+            losses = {"guidance": loss, **regularizers(outputs)}
+            bad = first_non_finite(losses)
+            if bad is not None:
+                return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
+            return outputs, losses, metrics
+        (grad_image,) = torch.autograd.grad(loss, image)
+        backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, grad_scaler, output)
+        if not grads_finite(self.model):
+            return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
+        return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
 
     def _setup_prior(self, config: PriorConfig, device: str, training: bool) -> None:
         self.__dict__["_prior"] = config.setup(device=str(device)) if training else None

@@ -39,10 +39,7 @@ from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.models.regularizers import nerfacto_regularizers
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
-    backward_in_chunks,
     check_model_numbers,
-    first_non_finite,
-    grads_finite,
     live_prompt,
     prior_size,
     render_in_chunks,
@@ -172,21 +169,14 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         index = int(torch.randint(self.datamanager.num_train_views, (1,), generator=rng))
         rays, crop, scale = self._view(index, rng)
-        height, width = rays.shape
-        single_pass = height * width <= self.config.chunk_size
-        outputs = self._render(rays, with_grad=single_pass)
-        image = outputs["rgb"]
-        if not single_pass:
-            image = image.detach().requires_grad_(True)
-
         panel = self.Distillation
         guidance = self.config.guidance
         guidance.guidance_scale = float(panel.guidance_scale.value)
         guidance.psi_scale, guidance.chi_scale = float(panel.psi_scale.value), float(panel.chi_scale.value)
         stage_steps = max(self._num_steps - self.config.refine_steps, 1)
         progress = min(max(self._stage_step(step) / stage_steps, 0.0), 1.0)
-        with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
-            latents = self.prior.encode(self._to_prior(image.float()))
+
+        def guide(latents: Tensor, outputs: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
             source = self._source(index, crop, scale) if guidance.spec.needs_source else None
             self._prompt = live_prompt(self.prior, panel.target_prompt.value, self._prompt, lambda p: [p])
             out = guidance(
@@ -198,29 +188,25 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
                 progress=progress,
                 generator=rng,
             )
-        metrics = {"guidance_grad_norm": out.grad_norm.detach(), "guidance_t": out.t.float().mean()}
-        if out.psi is not None:
-            metrics.update(psi=out.psi.float().mean(), chi=out.chi.float().mean())
-        panel.prompt_in_use.value = self._prompt
-        panel.t.value = str(out.t.tolist())
-        panel.loss.value = f"{float(out.grad_norm):.4g}"
-        if not torch.isfinite(image).all():
-            return self.skip_step(step, "the render has NaN/Inf (the field has diverged)", outputs, metrics)
-        if not torch.isfinite(out.grad).all():
-            return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
+            metrics = {"guidance_grad_norm": out.grad_norm.detach(), "guidance_t": out.t.float().mean()}
+            if out.psi is not None:
+                metrics.update(psi=out.psi.float().mean(), chi=out.chi.float().mean())
+            panel.prompt_in_use.value = self._prompt
+            panel.t.value = str(out.t.tolist())
+            panel.loss.value = f"{float(out.grad_norm):.4g}"
+            return out.loss, out.grad, metrics
 
-        loss = out.loss.to(image.device) * self.config.guidance_weight
-        if single_pass:
-            losses = {"guidance": loss, **self._regularizers(outputs)}
-            bad = first_non_finite(losses)
-            if bad is not None:
-                return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
-            return outputs, losses, metrics
-        (grad_image,) = torch.autograd.grad(loss, image)
-        self._backward_in_chunks(rays, grad_image)
-        if not grads_finite(self.model):
-            return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
-        return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
+        return self.guidance_step(
+            step,
+            rays,
+            guide,
+            output="rgb",
+            prior_resolution=self.config.prior_resolution,
+            chunk_size=self.config.chunk_size,
+            weight=self.config.guidance_weight,
+            regularizers=self._regularizers,
+            grad_scaler=self.grad_scaler,
+        )
 
     def _view(
         self, index: int, rng: torch.Generator
@@ -243,12 +229,6 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
     def _regularizers(self, outputs: dict[str, Any]) -> dict[str, Tensor]:
         """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode)."""
         return nerfacto_regularizers(self.model, outputs)
-
-    def _backward_in_chunks(self, rays: RayBundle, grad_image: Float[Tensor, "H W 3"]) -> None:
-        """Second pass: re-render each chunk with autograd and push its slice of the image gradient."""
-        backward_in_chunks(
-            self.model, rays, grad_image, self.config.chunk_size, self._regularizers, self.grad_scaler
-        )
 
     def _to_prior(self, image: Float[Tensor, "H W 3"]) -> Float[Tensor, "1 3 h w"]:
         """Render (or source image) to the prior's input: channels first, resized to prior_resolution."""

@@ -37,13 +37,9 @@ from nerfstudio_distill.guidance.config import GuidanceConfig, method_names
 from nerfstudio_distill.models.text_to_3d import TextTo3DModel, TextTo3DModelConfig
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
-    backward_in_chunks,
     check_model_numbers,
-    first_non_finite,
-    grads_finite,
     live_prompt,
     render_in_chunks,
-    to_prior,
 )
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
@@ -188,12 +184,6 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         positions = views.cameras.camera_to_worlds[:, :3, 3]
         shading = self.model.draw_shading(positions, step, rng).to(rays.origins.device)
         rays.metadata["shading"] = shading[:, None, None, :].expand(b, h, w, -1).contiguous()
-        single_pass = b * h * w <= self.config.chunk_size
-        outputs = render_in_chunks(self.model, rays, self.config.chunk_size, with_grad=single_pass)
-        image = outputs["train_rgb"]
-        if not single_pass:
-            image = image.detach().requires_grad_(True)
-
         panel, guidance = self.Distillation, self.config.guidance
         guidance.guidance_scale = float(panel.guidance_scale.value)
         t_min, t_max = sorted((float(panel.t_min.value), float(panel.t_max.value)))
@@ -206,53 +196,39 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         prompts = self.prompts_of(views, self._prompt)
         progress = 0.0 if self._num_steps is None else min(max(step / self._num_steps, 0.0), 1.0)
 
-        with torch.autocast(device_type=image.device.type, enabled=False):  # guidance picks its precision
-            latents = self.prior.encode(
-                to_prior(image.float(), self.config.prior_resolution, self.prior.size_multiple)
-            )
-            loss, grads, ts = torch.zeros((), device=image.device), [], []
+        def guide(latents: Tensor, outputs: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+            """One guidance call per distinct view prompt; views that share a prompt share the call."""
+            loss, grads, ts = torch.zeros((), device=rays.origins.device), [], []
             for p in dict.fromkeys(prompts):
                 index = torch.tensor([i for i, q in enumerate(prompts) if q == p])
                 out = guidance(self.prior, latents[index], p, progress=progress, generator=rng)
-                loss = loss + out.loss.to(image.device)
+                loss = loss + out.loss.to(rays.origins.device)
                 grads.append(out.grad)
                 ts.append(out.t)
-        grad, t = torch.cat([g.flatten() for g in grads]), torch.cat(ts)
-        metrics = {
-            "guidance_grad_norm": grad.norm().detach(),
-            "guidance_t": t.float().mean(),
-            "accumulation": outputs["accumulation"].detach().mean(),
-            "blob_strength": self.model.blob_strength.detach().clone(),
-            "resolution": torch.tensor(float(h)),
-        }
-        panel.t.value = str(t.tolist())
-        panel.loss.value = f"{float(metrics['guidance_grad_norm']):.4g}"
-        panel.views.value = "; ".join(dict.fromkeys(prompts))
-        if not torch.isfinite(image).all():
-            return self.skip_step(step, "the render has NaN/Inf (the field has diverged)", outputs, metrics)
-        if not torch.isfinite(grad).all():
-            return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
+            grad, t = torch.cat([g.flatten() for g in grads]), torch.cat(ts)
+            metrics = {
+                "guidance_grad_norm": grad.norm().detach(),
+                "guidance_t": t.float().mean(),
+                "accumulation": outputs["accumulation"].detach().mean(),
+                "blob_strength": self.model.blob_strength.detach().clone(),
+                "resolution": torch.tensor(float(h)),
+            }
+            panel.t.value = str(t.tolist())
+            panel.loss.value = f"{float(metrics['guidance_grad_norm']):.4g}"
+            panel.views.value = "; ".join(dict.fromkeys(prompts))
+            return loss, grad, metrics
 
-        loss = loss * self.config.guidance_weight
-        if single_pass:
-            losses = {"guidance": loss, **self.model.regularizers(outputs)}
-            bad = first_non_finite(losses)
-            if bad is not None:
-                return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
-            return outputs, losses, metrics
-        (grad_image,) = torch.autograd.grad(loss, image)
-        backward_in_chunks(
-            self.model,
+        return self.guidance_step(
+            step,
             rays,
-            grad_image,
-            self.config.chunk_size,
-            self.model.regularizers,
-            self.grad_scaler,
+            guide,
             output="train_rgb",
+            prior_resolution=self.config.prior_resolution,
+            chunk_size=self.config.chunk_size,
+            weight=self.config.guidance_weight,
+            regularizers=self.model.regularizers,
+            grad_scaler=self.grad_scaler,
         )
-        if not grads_finite(self.model):
-            return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
-        return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
 
     # ------------------------------------------------------------ evaluation
     def render_views(self, views: RandomViews) -> dict[str, Float[Tensor, "B H W C"]]:
