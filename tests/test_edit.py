@@ -15,7 +15,7 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from nerfstudio_distill.data.edit_datamanager import EditDataManagerConfig
 from nerfstudio_distill.data.prior_sets import write_exact_prior_set
 from nerfstudio_distill.guidance.common import GuidanceOutput
-from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.config import Guidance, GuidanceConfig
 from nerfstudio_distill.pipelines.edit import EditPipelineConfig, check_prompts, check_state_matches
 from nerfstudio_distill.pipelines.trainer import DistillError, DistillTrainerConfig, check_load_dir
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
@@ -193,6 +193,39 @@ def test_a_prompt_being_typed_keeps_the_current_one(pipeline):
     pipeline.Distillation.target_prompt.value = SOURCE  # typing finished
     pipeline.get_train_loss_dict(step=1)
     assert pipeline.Distillation.prompt_in_use.value == SOURCE
+
+
+def test_viewer_values_go_through_a_checked_copy(pipeline, recwarn):
+    """Panel values replace the settings in use only if the config's checks pass; never self.config."""
+    panel, settings = pipeline.Distillation, pipeline.guidance.config
+    panel.psi_scale.value = -1.0  # no run can use it
+    pipeline.get_train_loss_dict(step=0)
+    pipeline.get_train_loss_dict(step=1)
+    refused = [w for w in recwarn if "viewer values refused" in str(w.message)]
+    assert len(refused) == 1 and "--pipeline.guidance.psi-scale is -1.0" in str(refused[0].message)
+    assert pipeline.guidance.config is settings and settings.psi_scale == 1.0
+    panel.psi_scale.value, panel.guidance_scale.value = 0.5, 3.0  # usable values: a checked copy
+    pipeline.get_train_loss_dict(step=2)
+    applied = pipeline.guidance.config
+    assert applied is not settings and (applied.psi_scale, applied.guidance_scale) == (0.5, 3.0)
+    assert (pipeline.config.guidance.psi_scale, pipeline.config.guidance.guidance_scale) == (1.0, 7.5)
+
+
+class TrainableGuidance(Guidance):
+    """A guidance method with state (as VSD's LoRA would be)."""
+
+    def __init__(self, config, prior) -> None:
+        super().__init__(config, prior)
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+
+def test_guidance_parameters_join_the_param_groups_and_the_checkpoint(pipeline):
+    assert "guidance" not in pipeline.get_param_groups()  # SDS/DDS/PDS have no state
+    assert not any(k.startswith("guidance.") for k in pipeline.state_dict())
+    pipeline.guidance = TrainableGuidance(pipeline.config.guidance, pipeline.prior)
+    groups = pipeline.get_param_groups()
+    assert groups["guidance"] == [pipeline.guidance.w] and "fields" in groups
+    assert "guidance.w" in pipeline.state_dict()
 
 
 def test_refinement_replaces_training_images(tiny_scene, prior_set):

@@ -190,6 +190,14 @@ def test_live_prompt_and_t_range_from_the_panel(pipeline):
     assert BLUE in panel.views.value
 
 
+def test_viewer_t_range_leaves_the_run_config_alone(pipeline):
+    pipeline.Distillation.t_min.value, pipeline.Distillation.t_max.value = 0.30, 0.31
+    pipeline.get_train_loss_dict(step=0)
+    live, given = pipeline.guidance.config.timesteps, pipeline.config.guidance.timesteps
+    assert (live.min_fraction, live.max_fraction) == (0.30, 0.31)
+    assert (given.min_fraction, given.max_fraction) == (0.02, 0.98)
+
+
 def test_a_prompt_being_typed_keeps_the_current_one(pipeline):
     pipeline.Distillation.prompt.value = BLUE[:5]  # the viewer sends every keystroke
     with pytest.warns(RuntimeWarning, match="keeping the prompt"):

@@ -17,7 +17,7 @@ from nerfstudio_distill.guidance.common import (
     surrogate_loss,
     weight,
 )
-from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.config import METHODS, Guidance, GuidanceConfig, Method
 from nerfstudio_distill.guidance.dds import dds
 from nerfstudio_distill.guidance.pds import PDS_SCHEDULES, pds, pds_coefficients
 from nerfstudio_distill.guidance.sdedit import sdedit
@@ -28,7 +28,10 @@ __all__ = [
     "ANNEALS",
     "PDS_SCHEDULES",
     "WEIGHTINGS",
+    "METHODS",
+    "Guidance",
     "GuidanceConfig",
+    "Method",
     "GuidanceOutput",
     "TimestepSchedule",
     "add_noise",

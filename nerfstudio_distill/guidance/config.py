@@ -2,10 +2,13 @@
 
 :class:`GuidanceConfig` turns the options into a call of :func:`~.sds.sds`, :func:`~.sdi.sdi`,
 :func:`~.dds.dds` or :func:`~.pds.pds`, so pipelines never branch on the method themselves.
+``GuidanceConfig.setup(prior)`` builds the :class:`Guidance` module a pipeline holds: the seam for methods
+with state (a trainable score, as VSD's LoRA); SDS/SDI/DDS/PDS have none.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -14,7 +17,7 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance.common import GuidanceOutput, TimestepSchedule
@@ -23,6 +26,33 @@ from nerfstudio_distill.guidance.pds import pds
 from nerfstudio_distill.guidance.sdi import sdi
 from nerfstudio_distill.guidance.sds import sds
 from nerfstudio_distill.priors.base import Condition, Prior
+
+
+class Guidance(nn.Module):
+    """A guidance method as a pipeline holds it: its settings (:attr:`config`) and its state, if any.
+
+    Its parameters and buffers join the pipeline's checkpoints, and its parameters the optimizer under
+    the param group "guidance" (give the method config an ``optimizers["guidance"]`` entry). This base
+    class has none: SDS, SDI, DDS and PDS are stateless functions. A stateful method subclasses it and
+    names the subclass in its :class:`Method` entry. The prior is passed to every call and never stored
+    here, so its weights stay out of checkpoints.
+    """
+
+    def __init__(self, config: GuidanceConfig, prior: Prior | None) -> None:
+        """``prior`` is None where nothing trains (ns-export, ns-viewer): build only what a checkpoint holds."""
+        super().__init__()
+        self.config = config
+        """The settings in use (the viewer may swap in a checked copy)."""
+
+    def forward(
+        self,
+        prior: Prior,
+        x0: Float[Tensor, " B *latent"],
+        prompt: str | Condition,
+        **kwargs,
+    ) -> GuidanceOutput:
+        """One guidance evaluation with the settings in use (see :meth:`GuidanceConfig.__call__`)."""
+        return self.config(prior, x0, prompt, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,8 @@ class Method:
     """Snaps t to its DDIM grid (``GuidanceConfig.num_grid_steps``) unless the schedule is consecutive."""
     options: dict[str, str] = field(default_factory=dict)
     """Keyword of ``run`` -> the GuidanceConfig field passed to it."""
+    module: type[Guidance] = Guidance
+    """What ``GuidanceConfig.setup`` builds: a :class:`Guidance` subclass for a method with state."""
 
 
 METHODS: dict[str, Method] = {
@@ -131,6 +163,10 @@ class GuidanceConfig:
     def spec(self) -> Method:
         """The table entry of :attr:`method`."""
         return METHODS[self.method]
+
+    def setup(self, prior: Prior | None = None) -> Guidance:
+        """The module a pipeline holds (see :class:`Guidance`), with a copy of these settings."""
+        return self.spec.module(copy.deepcopy(self), prior)
 
     def check(self) -> None:
         """One-line errors (a warning for a negative CFG scale) for options no run can use."""

@@ -9,6 +9,8 @@ re-render chunk by chunk with autograd and push each chunk's slice of that gradi
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from nerfstudio.models.base_model import Model
 from torch import Tensor
 
 from nerfstudio_distill.errors import DistillError, PriorInputError
+from nerfstudio_distill.guidance.config import Guidance, GuidanceConfig
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
 
@@ -148,6 +151,47 @@ class TrainingPrior:
 
     skip_reason: str | None = None
     """Why the last step was skipped (None: it was not); DistillTrainer counts skipped steps."""
+    guidance: Guidance
+    """The guidance method and the settings in use (a module: its parameters, if any, train and are saved)."""
+    _refused_viewer_values: str | None = None
+    """The error of the last viewer values refused (warned about once)."""
+
+    def _setup_guidance(self, config: GuidanceConfig) -> None:
+        """Build :attr:`guidance` (after :meth:`_setup_prior`); it gets the prior only when training."""
+        self.guidance = config.setup(self.__dict__.get("_prior"))
+
+    def get_param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """nerfstudio's param groups, plus "guidance" when the guidance method has trainable parameters."""
+        groups = super().get_param_groups()
+        params = [p for p in self.guidance.parameters() if p.requires_grad]
+        if params:
+            groups["guidance"] = params
+        return groups
+
+    def apply_viewer_values(self, **values: Any) -> GuidanceConfig:
+        """The guidance settings in use, with the viewer's ``values`` (field names; dotted for nested ones,
+        e.g. ``timesteps.min_fraction``) applied to a copy that must pass ``check()`` before it replaces
+        them. Values no run can use keep the settings in use, with one warning (until they change); the
+        pipeline's config is never written."""
+        current = self.guidance.config
+        candidate = copy.deepcopy(current)
+        for name, value in values.items():
+            *path, last = name.split(".")
+            setattr(functools.reduce(getattr, path, candidate), last, value)
+        if candidate == current:
+            return current
+        try:
+            candidate.check()
+        except DistillError as err:
+            if str(err) != self._refused_viewer_values:
+                warnings.warn(
+                    f"viewer values refused, keeping the settings in use: {err}", RuntimeWarning, stacklevel=2
+                )
+                self._refused_viewer_values = str(err)
+            return current
+        self._refused_viewer_values = None
+        self.guidance.config = candidate
+        return candidate
 
     def skip_step(self, step: int, reason: str, outputs: dict[str, Any], metrics: dict[str, Any]):
         """Drop this step's gradients and return a zero loss, with a RuntimeWarning naming step and reason."""

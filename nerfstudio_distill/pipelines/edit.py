@@ -135,6 +135,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         self.register_buffer("edit_start_step", torch.tensor(-1, dtype=torch.long))
         self.Distillation = DistillationPanel(config)
         self._setup_prior(config.prior, device, training)
+        self._setup_guidance(config.guidance)
         if training:  # the prior knows its prompts (the exact prior refuses unknown ones)
             self.prior.embed([config.target_prompt.strip(), config.source_prompt.strip()])
         self._source_latents: dict[int, Tensor] = {}
@@ -170,16 +171,14 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         index = int(torch.randint(self.datamanager.num_train_views, (1,), generator=rng))
         rays, crop, scale = self._view(index, rng)
         panel = self.Distillation
-        guidance = self.config.guidance
-        guidance.guidance_scale = float(panel.guidance_scale.value)
-        guidance.psi_scale, guidance.chi_scale = float(panel.psi_scale.value), float(panel.chi_scale.value)
+        settings = self._viewer_guidance()
         stage_steps = max(self._num_steps - self.config.refine_steps, 1)
         progress = min(max(self._stage_step(step) / stage_steps, 0.0), 1.0)
 
         def guide(latents: Tensor, outputs: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
-            source = self._source(index, crop, scale) if guidance.spec.needs_source else None
+            source = self._source(index, crop, scale) if settings.spec.needs_source else None
             self._prompt = live_prompt(self.prior, panel.target_prompt.value, self._prompt, lambda p: [p])
-            out = guidance(
+            out = self.guidance(
                 self.prior,
                 latents,
                 self._prompt,
@@ -206,6 +205,15 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             weight=self.config.guidance_weight,
             regularizers=self._regularizers,
             grad_scaler=self.grad_scaler,
+        )
+
+    def _viewer_guidance(self) -> GuidanceConfig:
+        """The guidance settings with the panel's CFG, ψ and χ scales, if they pass the config's checks."""
+        panel = self.Distillation
+        return self.apply_viewer_values(
+            guidance_scale=float(panel.guidance_scale.value),
+            psi_scale=float(panel.psi_scale.value),
+            chi_scale=float(panel.chi_scale.value),
         )
 
     def _view(
@@ -274,7 +282,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
                     ),
                     strength=self.config.refine_strength,
                     num_steps=self.config.refine_denoise_steps,
-                    guidance_scale=float(self.Distillation.guidance_scale.value),
+                    guidance_scale=self._viewer_guidance().guidance_scale,
                     generator=rng,
                 )
                 image = self.prior.decode(edited)

@@ -141,6 +141,7 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         self.grad_scaler = kwargs.get("grad_scaler")
         self.Distillation = TextTo3DPanel(config)
         self._setup_prior(config.prior, device, training)
+        self._setup_guidance(config.guidance)
         self._views = self.reachable_views()
         if training:
             check_prior_takes(self.prior, config, self._views)
@@ -184,12 +185,17 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         positions = views.cameras.camera_to_worlds[:, :3, 3]
         shading = self.model.draw_shading(positions, step, rng).to(rays.origins.device)
         rays.metadata["shading"] = shading[:, None, None, :].expand(b, h, w, -1).contiguous()
-        panel, guidance = self.Distillation, self.config.guidance
-        guidance.guidance_scale = float(panel.guidance_scale.value)
+        panel = self.Distillation
         t_min, t_max = sorted((float(panel.t_min.value), float(panel.t_max.value)))
-        schedule = guidance.timesteps
-        schedule.min_fraction, schedule.max_fraction = t_min, t_max
-        schedule.final_max_fraction = min(max(schedule.final_max_fraction, t_min), t_max)
+        final = self.guidance.config.timesteps.final_max_fraction
+        self.apply_viewer_values(
+            **{
+                "guidance_scale": float(panel.guidance_scale.value),
+                "timesteps.min_fraction": t_min,
+                "timesteps.max_fraction": t_max,
+                "timesteps.final_max_fraction": min(max(final, t_min), t_max),
+            }
+        )
         self._prompt = live_prompt(
             self.prior, panel.prompt.value, self._prompt, lambda p: [view_prompt(p, v) for v in self._views]
         )
@@ -201,7 +207,7 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             loss, grads, ts = torch.zeros((), device=rays.origins.device), [], []
             for p in dict.fromkeys(prompts):
                 index = torch.tensor([i for i, q in enumerate(prompts) if q == p])
-                out = guidance(self.prior, latents[index], p, progress=progress, generator=rng)
+                out = self.guidance(self.prior, latents[index], p, progress=progress, generator=rng)
                 loss = loss + out.loss.to(rays.origins.device)
                 grads.append(out.grad)
                 ts.append(out.t)
