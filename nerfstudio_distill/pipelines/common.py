@@ -209,17 +209,15 @@ class TrainingPrior:
         guide: Guide,
         *,
         output: str,
-        prior_resolution: int | None,
-        chunk_size: int,
-        weight: float,
         regularizers: Regularizers,
-        grad_scaler: Any = None,
     ):
         """One guidance training step, as ``get_train_loss_dict`` returns it: render ``rays`` (``*shape``),
         encode the ``output`` image with autocast off (the guidance picks its precision), ``guide`` it, skip
-        the step on a NaN/Inf render, gradient or loss, then backpropagate ``weight`` x the guidance loss
-        plus ``regularizers``: in one pass with autograd, or in two (render, then chunk by chunk, see
-        :func:`backward_in_chunks`) when the render has more rays than ``chunk_size``."""
+        the step on a NaN/Inf render, gradient or loss, then backpropagate ``guidance_weight`` x the guidance
+        loss plus ``regularizers``: in one pass with autograd, or in two (render, then chunk by chunk, see
+        :func:`backward_in_chunks`) when the render has more rays than ``chunk_size``. ``prior_resolution``,
+        ``chunk_size`` and ``guidance_weight`` are the pipeline config's."""
+        chunk_size, prior_resolution = self.config.chunk_size, self.config.prior_resolution
         single_pass = math.prod(rays.shape) <= chunk_size
         outputs = render_in_chunks(self.model, rays, chunk_size, with_grad=single_pass)
         image = outputs[output]
@@ -233,7 +231,7 @@ class TrainingPrior:
         if not torch.isfinite(grad).all():
             return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
 
-        loss = loss.to(image.device) * weight
+        loss = loss.to(image.device) * self.config.guidance_weight
         if single_pass:
             losses = {"guidance": loss, **regularizers(outputs)}
             bad = first_non_finite(losses)
@@ -241,7 +239,7 @@ class TrainingPrior:
                 return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
             return outputs, losses, metrics
         (grad_image,) = torch.autograd.grad(loss, image)
-        backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, grad_scaler, output)
+        backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, self.grad_scaler, output)
         if not grads_finite(self.model):
             return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
         return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics

@@ -195,17 +195,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             panel.loss.value = f"{float(out.grad_norm):.4g}"
             return out.loss, out.grad, metrics
 
-        return self.guidance_step(
-            step,
-            rays,
-            guide,
-            output="rgb",
-            prior_resolution=self.config.prior_resolution,
-            chunk_size=self.config.chunk_size,
-            weight=self.config.guidance_weight,
-            regularizers=self._regularizers,
-            grad_scaler=self.grad_scaler,
-        )
+        return self.guidance_step(step, rays, guide, output="rgb", regularizers=self._regularizers)
 
     def _viewer_guidance(self) -> GuidanceConfig:
         """The guidance settings with the panel's CFG, ψ and χ scales, if they pass the config's checks."""

@@ -224,17 +224,7 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             panel.views.value = "; ".join(dict.fromkeys(prompts))
             return loss, grad, metrics
 
-        return self.guidance_step(
-            step,
-            rays,
-            guide,
-            output="train_rgb",
-            prior_resolution=self.config.prior_resolution,
-            chunk_size=self.config.chunk_size,
-            weight=self.config.guidance_weight,
-            regularizers=self.model.regularizers,
-            grad_scaler=self.grad_scaler,
-        )
+        return self.guidance_step(step, rays, guide, output="train_rgb", regularizers=self.model.regularizers)
 
     # ------------------------------------------------------------ evaluation
     def render_views(self, views: RandomViews) -> dict[str, Float[Tensor, "B H W C"]]:
