@@ -58,6 +58,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,8 @@ from nerfstudio_distill.data.scene import (
 from nerfstudio_distill.guidance.config import GuidanceConfig
 
 METHODS = ("pds", "dds", "sds")
+PER_IMAGE_KEYS = ("psnr_to_ideal", "target_accuracy", "colour_progress")
+"""Scores also reported from per-image renders (``--appearance per-image``, suffix ``_per_image``)."""
 OBJECT_DIAMETER = 2.0
 """The depth-change scale in generator units (sphere of radius 1; the box's faces are as far apart)."""
 
@@ -331,11 +334,15 @@ def _offline_here(work: Path, threads: int) -> Iterator[None]:
         torch.set_num_threads(saved_threads)
 
 
-def render_run(run: Path) -> dict[str, Any]:
+def render_run(run: Path, per_image: bool = False) -> dict[str, Any]:
     """Load a finished run with ``eval_setup`` and render every train and eval camera of its dataparser.
 
     Returns ``frames`` (index into transforms.json, from the image filenames), ``eval`` (held-out mask),
     ``rgb`` N x H x W x 3, ``depth`` N x H x W (nerfacto's depth in generator units) and ``scale``.
+    Renders use what the viewer shows (nerfacto in eval mode: the mean appearance embedding).
+    ``per_image``: train views render with their own appearance embedding instead (what a guidance render
+    saw during an edit with ``--pipeline.model.edit-appearance per-image``); held-out views have none and
+    keep the mean.
     """
     import torch
 
@@ -346,11 +353,21 @@ def render_run(run: Path) -> dict[str, Any]:
     scale = float(dm.train_dataparser_outputs.dataparser_scale)
     frames, held_out, rgb, depth = [], [], [], []
     for dataset, is_eval in ((dm.train_dataset, False), (dm.eval_dataset, True)):
+        cameras = dataset.cameras.to(pipeline.device)
+        own = per_image and not is_eval
         for i, filename in enumerate(dataset._dataparser_outputs.image_filenames):
             frames.append(int(Path(filename).stem.split("_")[-1]))  # images/frame_00012.png -> 12
             held_out.append(is_eval)
+            # camera index i of the train set = its appearance embedding; the field uses the embedding
+            # of the ray's camera only in training mode (nerfacto_field), the rest of the model stays eval
+            if own:
+                bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
+            else:
+                bundle = cameras[i : i + 1].generate_rays(camera_indices=0, keep_shape=True)
+            pipeline.model.field.train(own)
             with torch.no_grad():
-                out = pipeline.model.get_outputs_for_camera(dataset.cameras[i : i + 1].to(pipeline.device))
+                out = pipeline.model.get_outputs_for_camera_ray_bundle(bundle)
+            pipeline.model.field.train(False)
             rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
             depth.append(out["depth"][..., 0].cpu().numpy() / scale)
     return {
@@ -423,10 +440,28 @@ def ground_truth(scene: Path, frames: np.ndarray, change: dict[str, str]) -> dic
 
 
 # --------------------------------------------------------------------------------------- run
-def run(s: Settings, workdir: Path | None = None, keep: bool = False, log: Any = print) -> dict[str, Any]:
+BASE_FIELDS = (
+    "scene",
+    "seed",
+    "base_steps",
+    "views",
+    "resolution",
+    "radius",
+    "fov",
+    "rays_per_batch",
+    "sigma",
+)
+"""Settings that decide the base nerfacto (``--reuse-base`` reuses a base only when all of them match)."""
+
+
+def run(
+    s: Settings, workdir: Path | None = None, keep: bool = False, log: Any = print, reuse_base: bool = False
+) -> dict[str, Any]:
     """Scene, prior, base nerfacto, the edits and their scores; returns the result dict.
 
     ``workdir``: where to write (default: a temporary folder, deleted afterwards unless ``keep``).
+    ``reuse_base``: if ``workdir`` holds a finished base of the same :data:`BASE_FIELDS`, skip training it
+    (the base is bitwise reproducible, so only time is saved) and rerun only the edits.
     """
     unknown = set(s.methods) - set(METHODS)
     if unknown:
@@ -445,15 +480,24 @@ def run(s: Settings, workdir: Path | None = None, keep: bool = False, log: Any =
             f"identity check: ideal edit nearest in {check['ideal_is_nearest']} views, margin {check['margin']}"
         )
 
-        base_seconds = ns_train(
-            "nerfacto",
-            [*common_flags(s, scene, work, s.base_steps, "base"),
-             "--pipeline.datamanager.train-num-rays-per-batch", str(s.rays_per_batch)],
-            work, s.threads, log,
-        )  # fmt: skip
         base_run = run_dir(work, "nerfacto", "base")
+        base_key = {name: getattr(s, name) for name in BASE_FIELDS}
+        marker = work / "base.json"
+        if reuse_base and marker.exists() and json.loads(marker.read_text())["settings"] == base_key:
+            base_seconds = json.loads(marker.read_text())["seconds"]
+            log(f"reusing the base in {base_run}")
+        else:
+            shutil.rmtree(work / "out", ignore_errors=True)
+            base_seconds = ns_train(
+                "nerfacto",
+                [*common_flags(s, scene, work, s.base_steps, "base"),
+                 "--pipeline.datamanager.train-num-rays-per-batch", str(s.rays_per_batch)],
+                work, s.threads, log,
+            )  # fmt: skip
+            marker.write_text(json.dumps({"settings": base_key, "seconds": base_seconds}))
         seconds = {}
         for method in s.methods:
+            shutil.rmtree(run_dir(work, f"{method}-edit", method), ignore_errors=True)  # a reused workdir
             flags = common_flags(s, scene, work, s.steps, method) + edit_flags(
                 s, prior, base_run / "nerfstudio_models"
             )
@@ -467,6 +511,12 @@ def run(s: Settings, workdir: Path | None = None, keep: bool = False, log: Any =
         for method, edited in edits.items():
             assert (edited["frames"] == base["frames"]).all()
             result[method] = {**score(edited, truth, base, bench), "seconds": seconds[method]}
+        if s.appearance == "per-image":  # what the guidance saw: each train view with its own embedding
+            with _offline_here(work, s.threads):
+                seen = {m: render_run(run_dir(work, f"{m}-edit", m), per_image=True) for m in s.methods}
+            for method, edited in seen.items():
+                scores = score(edited, truth, base, bench)
+                result[method] |= {f"{key}_per_image": scores[key] for key in PER_IMAGE_KEYS}
         depth_error = np.minimum(np.abs(base["depth"] - truth["ray_depth"]), OBJECT_DIAMETER)
         depth_error = depth_error[truth["source_mask"]].mean()
         result["base"] = {
@@ -493,14 +543,27 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def over_seeds(s: Settings, seeds: list[int], jobs: int, log: Any = print) -> dict[str, Any]:
-    """:func:`run` once per seed (``jobs`` at a time, each in its own folder); the mean and the spread
-    (population std) of every score, and each seed's result. Same seed, same numbers: CPU runs are
-    bitwise reproducible (the compat layer seeds nerfstudio's ray workers)."""
+def over_seeds(
+    s: Settings,
+    seeds: list[int],
+    jobs: int,
+    log: Any = print,
+    workdir: Path | None = None,
+    reuse_base: bool = False,
+) -> dict[str, Any]:
+    """:func:`run` once per seed (``jobs`` at a time, each in its own folder: ``workdir/seed<N>`` if given,
+    else a temporary one); the mean and the spread (population std) of every score, and each seed's
+    result. Same seed, same numbers: CPU runs are bitwise reproducible (the compat layer seeds
+    nerfstudio's ray workers)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(seed: int) -> dict[str, Any]:
-        result = run(dataclasses.replace(s, seed=seed), log=lambda m: log(f"[seed {seed}] {m}"))
+        result = run(
+            dataclasses.replace(s, seed=seed),
+            None if workdir is None else workdir / f"seed{seed}",
+            log=lambda m: log(f"[seed {seed}] {m}"),
+            reuse_base=reuse_base,
+        )
         log(f"[seed {seed}] done")
         return result
 
@@ -535,6 +598,16 @@ def table(result: dict[str, Any]) -> str:
             f"{_cell(r, 'psnr_to_ideal_eval', 2)} | {_cell(r, 'target_accuracy', 3)} | "
             f"{_cell(r, 'colour_progress', 2)} | {_cell(r, 'stripe_accuracy', 3)} | {depth} | {r['seconds']:.0f} |"
         )
+    seen = [name for name in METHODS if "psnr_to_ideal_per_image" in result.get(name, {})]
+    if seen:  # --appearance per-image: the same edits rendered as the guidance saw them
+        rows += ["", "| run, per-image renders (as the guidance saw them) | PSNR to ideal (dB) | target acc. "
+                 "| colour progress |", "|---|---|---|---|"]  # fmt: skip
+        for name in seen:
+            r = result[name]
+            rows.append(
+                f"| {name.upper()} | {_cell(r, 'psnr_to_ideal_per_image', 2)} | "
+                f"{_cell(r, 'target_accuracy_per_image', 3)} | {_cell(r, 'colour_progress_per_image', 2)} |"
+            )
     base = result["base"]
     seeds = f"mean ± std over seeds {result['seeds']}; " if "seeds" in result else ""
     rows.append(
@@ -555,6 +628,12 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
             parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (scene, prior, runs)")
+    parser.add_argument(
+        "--reuse-base",
+        action="store_true",
+        help="with --workdir: skip the base nerfacto if the folder holds one of the same settings (try edit "
+        "settings without retraining it; with --seeds each seed keeps its own workdir/seed<N>)",
+    )
     parser.add_argument("--json", action="store_true", help="last line: the result as one JSON object")
     add_seeds_argument(parser)
     parser.add_argument(
@@ -571,9 +650,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.seeds:
-        result = over_seeds(s, args.seeds, args.jobs, log)
+        result = over_seeds(s, args.seeds, args.jobs, log, args.workdir, args.reuse_base)
     else:
-        result = run(s, args.workdir, args.keep, log=log)
+        result = run(s, args.workdir, args.keep, log=log, reuse_base=args.reuse_base)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result) if args.json else f"{table(result)}\n{result['seconds']} s in all")
     return result
