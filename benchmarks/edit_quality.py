@@ -153,12 +153,12 @@ class Settings:
     """Camera distance (object radius 1): with fov 40° the ball spans about 70 % of the image."""
     fov: float = 40.0
     """Vertical field of view in degrees."""
-    cfg: float = 1.0
-    """Classifier-free guidance scale of every method. 1: the exact prior's conditional score is exact,
-    so guidance only extrapolates past the data (at 7.5 every method lost the stripes; see docs)."""
-    lr: float = 3e-3
-    """Learning rate of the field's Adam during the edit (``--optimizers.fields.optimizer.lr``). nerfacto's
-    1e-2 made DDS and SDS paint the stripes blue too (a plain blue ball); at 3e-3 every method kept them."""
+    cfg: float | None = None
+    """Classifier-free guidance scale of every method; None: the methods' default (the prior's own: 1 for
+    the exact prior, whose conditional score is exact)."""
+    lr: float | None = None
+    """Learning rate of the field's Adam during the edit (``--optimizers.fields.optimizer.lr``); None: the
+    methods' default (1e-2)."""
     t_min: float = 0.02
     """Lowest t of the edit, as a fraction of T (PDS snaps t to its 500-step grid)."""
     t_max: float = 0.98
@@ -294,23 +294,26 @@ def common_flags(s: Settings, scene: Path, work: Path, steps: int, timestamp: st
 
 def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
     """The flags every edit shares (only the method differs)."""
-    return [
+    flags = [
         "--load-dir", str(base_models),
         "--pipeline.target-prompt", SCENES[s.scene].prompts[1],
         "--pipeline.source-prompt", SCENES[s.scene].prompts[0],
         "--pipeline.prior.kind", "exact",
         "--pipeline.prior.exact.folder", str(prior),
         "--pipeline.prior-resolution", "None",
-        "--pipeline.guidance.guidance-scale", str(s.cfg),
         "--pipeline.guidance.timesteps.min-fraction", str(s.t_min),
         "--pipeline.guidance.timesteps.max-fraction", str(s.t_max),
         "--pipeline.guidance.psi-scale", str(s.psi_scale),
         "--pipeline.model.edit-appearance", s.appearance,
         "--pipeline.guidance.pds-rule", s.pds_rule,
         "--pipeline.seed", str(s.seed),
-        "--optimizers.fields.optimizer.lr", str(s.lr),
         "--steps-per-save", "1000000",  # the trainer still saves the last step
     ]  # fmt: skip
+    if s.cfg is not None:
+        flags += ["--pipeline.guidance.guidance-scale", str(s.cfg)]
+    if s.lr is not None:
+        flags += ["--optimizers.fields.optimizer.lr", str(s.lr)]
+    return flags
 
 
 def run_dir(work: Path, method: str, timestamp: str) -> Path:
@@ -624,6 +627,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "methods":
             parser.add_argument(flag, nargs="+", choices=METHODS, default=list(METHODS))
+        elif getattr(defaults, f.name) is None:  # cfg, lr: None leaves the method's default
+            parser.add_argument(flag, type=float, default=None, help="default: the methods' own")
         else:
             parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")

@@ -208,7 +208,7 @@ def test_viewer_values_go_through_a_checked_copy(pipeline, recwarn):
     pipeline.get_train_loss_dict(step=2)
     applied = pipeline.guidance.config
     assert applied is not settings and (applied.psi_scale, applied.guidance_scale) == (0.5, 3.0)
-    assert (pipeline.config.guidance.psi_scale, pipeline.config.guidance.guidance_scale) == (1.0, 7.5)
+    assert (pipeline.config.guidance.psi_scale, pipeline.config.guidance.guidance_scale) == (1.0, None)
 
 
 class TrainableGuidance(Guidance):
@@ -217,6 +217,19 @@ class TrainableGuidance(Guidance):
     def __init__(self, config, prior) -> None:
         super().__init__(config, prior)
         self.w = torch.nn.Parameter(torch.zeros(3))
+
+
+def test_no_cfg_scale_means_the_priors_own(tiny_scene, prior_set):
+    """--pipeline.guidance.guidance-scale None (the default) runs at the prior's CFG scale: 1 for the exact
+    prior, Stable Diffusion's configured 7.5; the viewer shows the scale in use; an explicit one wins."""
+    pipe = edit_config(tiny_scene, prior_set).setup(device="cpu", test_mode="val", grad_scaler=None)
+    assert pipe.config.guidance.guidance_scale is None  # the config is not written
+    assert pipe.guidance.config.guidance_scale == 1.0 == pipe.Distillation.guidance_scale.value
+    sd = PriorConfig(stable_diffusion=dataclasses.replace(PriorConfig().stable_diffusion, guidance_scale=5.0))
+    assert (PriorConfig().default_guidance_scale, sd.default_guidance_scale) == (7.5, 5.0)
+    config = edit_config(tiny_scene, prior_set, guidance=GuidanceConfig(guidance_scale=3.0))
+    pipe = config.setup(device="cpu", test_mode="val", grad_scaler=None)
+    assert pipe.guidance.config.guidance_scale == 3.0 == pipe.Distillation.guidance_scale.value
 
 
 def test_guidance_parameters_join_the_param_groups_and_the_checkpoint(pipeline):

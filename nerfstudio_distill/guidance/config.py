@@ -126,9 +126,11 @@ class GuidanceConfig:
     method: MethodName = "pds"
     """sds: w(t)(ε̂ − ε) (DreamFusion). sdi: SDS with the noise found by DDIM inversion. dds: ε̂_tgt − ε̂_src
     (Delta Denoising Score). pds: ψ(t)(x0 − x0_src) + χ(t)(ε̂_tgt − ε̂_src) (Posterior Distillation Sampling)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance scale of every branch. Raise it (SDS text-to-3D: 50-100) for stronger,
-    less diverse edits; 1 disables CFG and halves the network batch."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale of every branch. None: the prior's default, 7.5 for Stable Diffusion
+    (--pipeline.prior.stable-diffusion.guidance-scale) and 1 for the exact prior, whose conditional score
+    is exact. Raise it (SDS text-to-3D: 50-100) for stronger, less diverse edits; 1 disables CFG and
+    halves the network batch."""
     timesteps: TimestepSchedule = field(default_factory=TimestepSchedule)
     """Range of diffusion timesteps t (fractions of T) and its annealing over training. Lower max_fraction
     for finer, more local edits; PDS snaps t to its DDIM grid."""
@@ -177,7 +179,7 @@ class GuidanceConfig:
             )
         for name in ("guidance_scale", "psi_scale", "chi_scale", "inversion_guidance_scale", "inversion_eta"):
             value = getattr(self, name)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise DistillError(f"{flag}{name.replace('_', '-')} is {value}: pass a finite number")
         for name in ("psi_scale", "chi_scale", "inversion_eta"):
             if getattr(self, name) < 0:
@@ -195,7 +197,7 @@ class GuidanceConfig:
         if self.num_inversion_steps < 1:
             raise DistillError(f"{flag}num-inversion-steps is {self.num_inversion_steps}: pass 1 or more")
         self.timesteps.check(flag + "timesteps.")
-        if self.guidance_scale < 0:
+        if self.guidance_scale is not None and self.guidance_scale < 0:
             warnings.warn(
                 f"{flag}guidance-scale is {self.guidance_scale}: a negative CFG scale pushes renders away from "
                 "the prompt; pass a positive scale (1 disables CFG) unless that is what you want",

@@ -10,6 +10,7 @@ re-render chunk by chunk with autograd and push each chunk's slice of that gradi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import warnings
@@ -156,8 +157,12 @@ class TrainingPrior:
     _refused_viewer_values: str | None = None
     """The error of the last viewer values refused (warned about once)."""
 
-    def _setup_guidance(self, config: GuidanceConfig) -> None:
-        """Build :attr:`guidance` (after :meth:`_setup_prior`); it gets the prior only when training."""
+    def _setup_guidance(self, config: GuidanceConfig, prior: PriorConfig) -> None:
+        """Build :attr:`guidance` (after :meth:`_setup_prior`); it gets the prior only when training. A CFG
+        scale of None becomes the prior's default (:attr:`PriorConfig.default_guidance_scale`) in the
+        settings in use, so the viewer shows the number that is applied."""
+        if config.guidance_scale is None:
+            config = dataclasses.replace(config, guidance_scale=prior.default_guidance_scale)
         self.guidance = config.setup(self.__dict__.get("_prior"))
 
     def get_param_groups(self) -> dict[str, list[torch.nn.Parameter]]:

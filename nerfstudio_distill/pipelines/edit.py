@@ -102,9 +102,9 @@ class EditPipelineConfig(VanillaPipelineConfig):
 class DistillationPanel(nn.Module):
     """Controls in the viewer's "Distillation" folder (the attribute name is the folder label)."""
 
-    def __init__(self, config: EditPipelineConfig) -> None:
+    def __init__(self, config: EditPipelineConfig, g: GuidanceConfig) -> None:
+        """``g``: the guidance settings in use (a CFG scale of None already resolved to the prior's)."""
         super().__init__()
-        g = config.guidance
         self.target_prompt = ViewerText(
             "Target prompt", config.target_prompt, hint="Used from the next step on"
         )
@@ -133,9 +133,9 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         # The base run learned the camera poses from photos; guidance must not move them.
         self.model.camera_optimizer.requires_grad_(False)
         self.register_buffer("edit_start_step", torch.tensor(-1, dtype=torch.long))
-        self.Distillation = DistillationPanel(config)
         self._setup_prior(config.prior, device, training)
-        self._setup_guidance(config.guidance)
+        self._setup_guidance(config.guidance, config.prior)
+        self.Distillation = DistillationPanel(config, self.guidance.config)
         if training:  # the prior knows its prompts (the exact prior refuses unknown ones)
             self.prior.embed([config.target_prompt.strip(), config.source_prompt.strip()])
         self._source_latents: dict[int, Tensor] = {}

@@ -110,9 +110,9 @@ def view_prompt(prompt: str, view: str | None) -> str:
 class TextTo3DPanel(nn.Module):
     """Controls in the viewer's "Distillation" folder (the attribute name is the folder label)."""
 
-    def __init__(self, config: TextTo3DPipelineConfig) -> None:
+    def __init__(self, config: TextTo3DPipelineConfig, g: GuidanceConfig) -> None:
+        """``g``: the guidance settings in use (a CFG scale of None already resolved to the prior's)."""
         super().__init__()
-        g = config.guidance
         self.prompt = ViewerText("Prompt", config.prompt, hint="Used from the next step on")
         self.guidance_scale = ViewerNumber("CFG scale", g.guidance_scale, hint="Classifier-free guidance")
         self.t_min = ViewerSlider("t min", g.timesteps.min_fraction, 0.0, 1.0, 0.01, hint="Fraction of T")
@@ -139,9 +139,9 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             check_text_to_3d(config)
         super().__init__(config, device, test_mode=test_mode, **kwargs)
         self.grad_scaler = kwargs.get("grad_scaler")
-        self.Distillation = TextTo3DPanel(config)
         self._setup_prior(config.prior, device, training)
-        self._setup_guidance(config.guidance)
+        self._setup_guidance(config.guidance, config.prior)
+        self.Distillation = TextTo3DPanel(config, self.guidance.config)
         self._views = self.reachable_views()
         if training:
             check_prior_takes(self.prior, config, self._views)

@@ -119,6 +119,17 @@ class PriorConfig:
         return StableDiffusionPrior(sd, device=sd.device or device)
 
     @property
+    def default_guidance_scale(self) -> float:
+        """The CFG scale a guidance method uses when ``--pipeline.guidance.guidance-scale`` is None (known
+        without loading the prior): Stable Diffusion's ``--pipeline.prior.stable-diffusion.guidance-scale``
+        (7.5), the exact prior's 1."""
+        if self.kind == "exact":
+            from nerfstudio_distill.priors.exact import EXACT_GUIDANCE_SCALE
+
+            return EXACT_GUIDANCE_SCALE
+        return self.stable_diffusion.guidance_scale
+
+    @property
     def native_resolution(self) -> bool:
         """Whether the prior takes renders at their own size (exact) rather than resized (SD)."""
         return self.kind == "exact"
