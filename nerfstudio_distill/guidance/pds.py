@@ -31,6 +31,12 @@ the README's 2D toy section):
 - the identity term ψ(t)(x0 − x0_src) loses its component along the edit term (per sample), so it
   holds every change the prompt does not ask for and no longer pulls the edit back (the undershoot of
   the reference ψ).
+
+With a prior whose CFG has more branches (InstructPix2Pix: text and image), "balanced" takes the
+conditional branch with every part of the condition kept, s_T · (ε̂(x_t; c_T, c_I) − ε̂(x_t^src; ∅, c_I))
+with s the text scale; the image scale s_I is not used (both sides carry the same source image, and the
+identity term already holds the source). "reference" uses the prior's full CFG (:meth:`Prior.cfg`) in
+both ε̂, as the published gradient does.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from nerfstudio_distill.guidance.common import (
     finish,
     resolve_noise,
 )
-from nerfstudio_distill.priors.base import Condition, Prior
+from nerfstudio_distill.priors.base import CFG, Condition, Prior
 
 PDS_SCHEDULES = ("reference", "consecutive")
 """Valid values of ``schedule`` in :func:`pds`."""
@@ -160,7 +166,8 @@ def pds(
         t: timestep(s); for ``"reference"`` on ``prior.timestep_grid(num_grid_steps)`` past its first
             point, for ``"consecutive"`` any t ≥ 1; None draws from the grid.
         noise: ε for both x_t (ε' of x_t' cancels and is never drawn); None draws N(0, I).
-        guidance_scale: CFG scale of both branches; None uses the prior's default.
+        guidance_scale: CFG scale of both branches (InstructPix2Pix: the text scale); None uses the
+            prior's default.
         schedule: ``"reference"`` (t' = previous grid point) or ``"consecutive"`` (t' = t − 1).
         num_grid_steps: N of the DDIM grid (PDS reference: 500).
         psi_scale: factor on ψ (identity-preservation term).
@@ -186,7 +193,7 @@ def pds(
     else:
         # conditional ε̂ only (one network call of batch 2), the difference scaled by s
         scale = prior.guidance_scale if guidance_scale is None else float(guidance_scale)
-        eps = prior.predict_noise(x_t, t, [prompt, prompt_src], 1.0).to(x0.dtype)
+        eps = prior.predict_noise(x_t, t, [prompt, prompt_src], CFG.conditional()).to(x0.dtype)
         edit = scale * (eps[0] - eps[1])
         identity = identity - along(identity, edit)
     # z_tgt − z_src = ψ(t) (x0_tgt − x0_src) + χ(t) (ε̂_tgt − ε̂_src)  (module docstring)

@@ -14,7 +14,9 @@ Conventions
   network input's channels) and a camera. A plain string is the text-only condition.
 - Classifier-free guidance is a :class:`CFG`: a list of :class:`Branch` es, each keeping some parts of
   the condition and dropping the rest. Two-branch text CFG and InstructPix2Pix's three-branch CFG are
-  the same code. A dropped text is the empty prompt ``""``.
+  the same code. A dropped text is the empty prompt ``""``. A bare scale means the prior's own CFG at
+  that scale (:meth:`Prior.cfg`): text CFG, or for InstructPix2Pix its three branches with the scale as
+  the text one, so guidance methods pass one number whatever the prior.
 - The network never records autograd; the only differentiable path is ``encode``.
 """
 
@@ -97,15 +99,23 @@ class CFG:
     """Branch 0 first; one network row per branch, group and batch element."""
 
     @classmethod
+    def conditional(cls) -> CFG:
+        """ε̂(x_t, c): the conditional branch alone, every part of the condition kept (no guidance)."""
+        return cls((Branch(),))
+
+    @classmethod
     def text(cls, scale: float) -> CFG:
         """ε̂(∅) + s (ε̂(y) − ε̂(∅)); scale 1 is the conditional branch alone (half the batch)."""
         if scale == 1.0:
-            return cls((Branch(),))
+            return cls.conditional()
         return cls((Branch(text=False, image=False, camera=False), Branch(scale=scale)))
 
     @classmethod
     def instruct(cls, text_scale: float, image_scale: float) -> CFG:
-        """ε̂(∅, ∅) + s_I (ε̂(∅, c_I) − ε̂(∅, ∅)) + s_T (ε̂(c_T, c_I) − ε̂(∅, c_I)) (InstructPix2Pix Eq. 3)."""
+        """ε̂(∅, ∅) + s_I (ε̂(∅, c_I) − ε̂(∅, ∅)) + s_T (ε̂(c_T, c_I) − ε̂(∅, c_I)) (InstructPix2Pix Eq. 3);
+        both scales 1 is the conditional branch alone (the sum telescopes to ε̂(c_T, c_I))."""
+        if text_scale == 1.0 and image_scale == 1.0:
+            return cls.conditional()
         return cls(
             (
                 Branch(text=False, image=False),
@@ -268,6 +278,19 @@ class Prior(nn.Module, abc.ABC):
         Called without autograd.
         """
 
+    def cfg(self, scale: float) -> CFG:
+        """The CFG a bare scale means for this prior: two-branch text CFG at ``scale``. Priors with more
+        branches override it (InstructPix2Pix: its three branches, ``scale`` being the text one)."""
+        return CFG.text(scale)
+
+    def encode_condition(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
+        """Images in [0, 1] to the image condition this prior takes (:attr:`Condition.image`), without
+        gradient. Only priors with :attr:`takes_image` have one."""
+        raise PriorInputError(
+            f"{type(self).__name__} takes no image condition: use a prior conditioned on images "
+            "(--pipeline.prior.kind instruct-pix2pix)"
+        )
+
     def predict_noise(
         self,
         x_t: Float[Tensor, "G B *latent"],
@@ -278,15 +301,15 @@ class Prior(nn.Module, abc.ABC):
         """CFG noise prediction for G groups in one network call.
 
         Group g is ``x_t[g]`` under ``prompts[g]`` (a :class:`Condition`, or a string for text only).
-        ``guidance_scale`` is the text CFG scale (None: the prior's default; 1 runs the conditional
-        branch alone), or a :class:`CFG` with any branches. The call has batch K·G·B for K branches:
+        ``guidance_scale`` is a bare scale, which means :meth:`cfg` of it (text CFG; None: the prior's
+        default scale; 1 runs the conditional branch alone), or a :class:`CFG` with any branches. The call has batch K·G·B for K branches:
         SDS uses G = 1 (2 branches); DDS and PDS use G = 2 (4 branches).
         Returns float32 on ``x_t``'s device, detached.
         """
         if isinstance(guidance_scale, CFG):
             cfg = guidance_scale
         else:
-            cfg = CFG.text(self.guidance_scale if guidance_scale is None else float(guidance_scale))
+            cfg = self.cfg(self.guidance_scale if guidance_scale is None else float(guidance_scale))
         conditions = [c if isinstance(c, Condition) else Condition(c) for c in prompts]
         groups = x_t.shape[0]
         if len(conditions) != groups:

@@ -82,9 +82,9 @@ class StableDiffusionPriorConfig:
     """Reject images whose height or width is not a multiple of the VAE's downsampling factor (8 for
     SD), with an error that says what size to resize to. Switch off only if you handle sizes yourself."""
 
-    def setup(self) -> StableDiffusionPrior:
-        """Load the networks and return the prior."""
-        return StableDiffusionPrior(self)
+    def setup(self, **overrides: Any) -> StableDiffusionPrior:
+        """Load the networks and return the prior; ``overrides`` replace fields (e.g. ``device=``)."""
+        return StableDiffusionPrior(self, **overrides)
 
 
 def hub_offline() -> bool:
@@ -110,6 +110,11 @@ class StableDiffusionPrior(Prior):
     :meth:`from_components` wraps networks already in memory instead of loading ``config.model``.
     """
 
+    config_class: type[StableDiffusionPriorConfig] = StableDiffusionPriorConfig
+    """The options dataclass (its defaults apply when no config is given)."""
+    model_flags: str = MODEL_FLAGS
+    """Where users set the model, named in load errors."""
+
     def __init__(self, config: StableDiffusionPriorConfig | None = None, **overrides: Any) -> None:
         config, dtype, device = self._resolve(config, overrides)
         diffusers, transformers = import_diffusers()
@@ -117,7 +122,7 @@ class StableDiffusionPrior(Prior):
         local = os.path.isdir(model)
         if not local and looks_like_path(config.model):
             raise PriorLoadError(
-                f"model folder {config.model!r} does not exist or is not a folder: set {MODEL_FLAGS} to a "
+                f"model folder {config.model!r} does not exist or is not a folder: set {self.model_flags} to a "
                 "folder holding unet/ vae/ text_encoder/ tokenizer/ scheduler/, or to a hub id"
             )
         offline = config.local_files_only or hub_offline()
@@ -130,13 +135,13 @@ class StableDiffusionPrior(Prior):
                 if local:  # a folder: no download hint (it is not a hub id)
                     raise PriorLoadError(
                         f"could not load {subfolder}/ of the folder {config.model!r} ({one_line(e, 120)}): set "
-                        f"{MODEL_FLAGS} to a diffusers pipeline folder (model_index.json, unet/, vae/, "
+                        f"{self.model_flags} to a diffusers pipeline folder (model_index.json, unet/, vae/, "
                         "text_encoder/, tokenizer/, scheduler/, as save_pretrained writes it), or to a hub id"
                     ) from e
                 where = "the local cache" if offline else "the hub or cache"
                 raise PriorLoadError(
                     f"could not load {subfolder}/ of {config.model!r} from {where} ({one_line(e, 120)}): "
-                    f"set {MODEL_FLAGS} to a local diffusers folder, or download once online "
+                    f"set {self.model_flags} to a local diffusers folder, or download once online "
                     f"(e.g. hf download {config.model}) and then run with HF_HUB_OFFLINE=1"
                 ) from e
 
@@ -175,12 +180,12 @@ class StableDiffusionPrior(Prior):
         prior._assemble(config, dtype, device, unet, vae, text_encoder, tokenizer, scheduler)
         return prior
 
-    @staticmethod
+    @classmethod
     def _resolve(
-        config: StableDiffusionPriorConfig | None, overrides: dict[str, Any]
+        cls, config: StableDiffusionPriorConfig | None, overrides: dict[str, Any]
     ) -> tuple[StableDiffusionPriorConfig, torch.dtype, torch.device]:
         """Config with ``overrides`` applied and checked, and the resolved dtype and device."""
-        config = dataclasses.replace(config or StableDiffusionPriorConfig(), **overrides)
+        config = dataclasses.replace(config or cls.config_class(), **overrides)
         if config.latent_mode not in ("mean", "sample"):
             raise PriorInputError(f"latent_mode={config.latent_mode!r}: use 'mean' or 'sample'")
         if config.dtype not in ("auto", *_DTYPES):
@@ -220,6 +225,15 @@ class StableDiffusionPrior(Prior):
                 f"prediction_type {self.prediction_type!r} of {config.model!r} is not supported: "
                 "use an epsilon or v_prediction Stable Diffusion checkpoint"
             )
+        latent, channels = vae.config.latent_channels, unet.config.in_channels
+        want = 2 * latent if self.takes_image else latent  # InstructPix2Pix: [x_t, image latents]
+        if channels != want:
+            kind = {latent: "stable-diffusion", 2 * latent: "instruct-pix2pix"}.get(channels)
+            hint = f"pass --pipeline.prior.kind {kind} for this checkpoint, or " if kind else ""
+            raise PriorLoadError(
+                f"the UNet of {config.model!r} takes {channels} input channels but {type(self).__name__} "
+                f"feeds it {want}: {hint}set {self.model_flags} to a checkpoint of this kind"
+            )
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.to(dtype)
         self.vae = vae
@@ -240,8 +254,8 @@ class StableDiffusionPrior(Prior):
     def _memory_format(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
-    def encode(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
-        """Images in [0, 1] to scaled VAE latents (float32, on the prior's device), differentiably."""
+    def _vae_input(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B 3 H W"]:
+        """Checked images in [0, 1] to the VAE's input: [-1, 1], the prior's dtype, device and format."""
         self.check_images(images)
         f = self.vae_scale_factor
         h, w = images.shape[-2:]
@@ -251,8 +265,11 @@ class StableDiffusionPrior(Prior):
                 f"image size {h}x{w} is not a multiple of {f} (the VAE's downsampling factor): resize to "
                 f"{nh}x{nw}, e.g. F.interpolate(images, size=({nh}, {nw}), mode='bilinear', antialias=True)"
             )
-        x = self._memory_format(images.to(self.device, self.dtype) * 2 - 1)  # VAE expects [-1, 1]
-        posterior = self.vae.encode(x).latent_dist
+        return self._memory_format(images.to(self.device, self.dtype) * 2 - 1)  # VAE expects [-1, 1]
+
+    def encode(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B C h w"]:
+        """Images in [0, 1] to scaled VAE latents (float32, on the prior's device), differentiably."""
+        posterior = self.vae.encode(self._vae_input(images)).latent_dist
         z = posterior.mean if self.config.latent_mode == "mean" else posterior.sample()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         # LDM trains on z · scaling_factor, rescaled to ~unit variance (Rombach et al. 2022, §4.3.2)
@@ -277,13 +294,17 @@ class StableDiffusionPrior(Prior):
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
     # ------------------------------------------------------------------ network
+    def _unet_input(self, x_t: Float[Tensor, "N C h w"], **conditions: Any) -> Float[Tensor, "N C_in h w"]:
+        """What the UNet takes for x_t: x_t itself (InstructPix2Pix appends its image latents)."""
+        return x_t
+
     def _eps(
-        self, x_t: Float[Tensor, "N C h w"], t: Int[Tensor, " N"], conds: Sequence[Tensor]
+        self, x_t: Float[Tensor, "N C h w"], t: Int[Tensor, " N"], conds: Sequence[Tensor], **conditions: Any
     ) -> Float[Tensor, "N C h w"]:
         cond = torch.cat([c.to(self.device, self.dtype) for c in conds])
         t = t.to(self.device)
-        x = self._memory_format(x_t.to(self.device, self.dtype))
-        out = self.unet(x, t, encoder_hidden_states=cond).sample.float()
+        x = self._unet_input(x_t.to(self.device, self.dtype), **conditions)
+        out = self.unet(self._memory_format(x), t, encoder_hidden_states=cond).sample.float()
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, x_t.to(self.device, torch.float32), self.alphas_cumprod[t])
         return out
