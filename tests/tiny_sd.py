@@ -61,17 +61,40 @@ def build_tiny_tokenizer(folder: str | Path):
 
 def build_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Save a random tiny SD checkpoint to ``folder`` (created if needed) and return the folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
+
+    parts = tiny_components(prediction_type, seed)
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return save_tiny(pipe, folder)
+
+
+def build_tiny_ip2p(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny InstructPix2Pix checkpoint (8-channel UNet input: x_t and the image latents; the
+    Euler-ancestral scheduler of timbrooks/instruct-pix2pix) to ``folder`` and return the folder."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    parts = tiny_components("epsilon", seed, image_channels=4)
+    parts["scheduler"] = EulerAncestralDiscreteScheduler.from_config(parts["scheduler"].config)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return save_tiny(pipe, folder)
+
+
+def tiny_components(prediction_type: str = "epsilon", seed: int = 0, image_channels: int = 0) -> dict:
+    """Random tiny ``unet, vae, text_encoder, tokenizer, scheduler`` (the UNet takes ``image_channels`` more
+    input channels than the 4 latent ones)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_tokenizer(tmp)
-        vocab, merges = (Path(tmp) / "vocab.json").read_text(), (Path(tmp) / "merges.txt").read_text()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE,
-        in_channels=4,
+        in_channels=4 + image_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -115,18 +138,22 @@ def build_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: in
         set_alpha_to_one=False,
         prediction_type=prediction_type,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def save_tiny(pipe, folder: str | Path) -> Path:
+    """``pipe.save_pretrained(folder)``, plus the slow-tokenizer files, for transformers versions that do not
+    read tokenizer.json."""
+    folder = Path(folder)
     pipe.save_pretrained(folder)
-    # Also the slow-tokenizer files, for transformers versions that do not read tokenizer.json.
-    (folder / "tokenizer" / "vocab.json").write_text(vocab)
-    (folder / "tokenizer" / "merges.txt").write_text(merges)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_tokenizer(tmp)
+        for name in ("vocab.json", "merges.txt"):
+            (folder / "tokenizer" / name).write_text((Path(tmp) / name).read_text())
     return folder

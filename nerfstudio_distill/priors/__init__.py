@@ -15,6 +15,7 @@ from .base import (
 )
 from .config import ExactPriorConfig, PriorConfig
 from .exact import ExactPrior
+from .instruct_pix2pix import InstructPix2PixPrior, InstructPix2PixPriorConfig
 from .stable_diffusion import (
     PriorLoadError,
     StableDiffusionPrior,
@@ -29,6 +30,8 @@ __all__ = [
     "Condition",
     "ExactPrior",
     "ExactPriorConfig",
+    "InstructPix2PixPrior",
+    "InstructPix2PixPriorConfig",
     "Prior",
     "PriorConfig",
     "PriorInputError",

@@ -14,7 +14,8 @@ from typing import Literal
 
 from nerfstudio_distill.errors import PriorLoadError
 from nerfstudio_distill.priors.base import Prior, check_device
-from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPrior, StableDiffusionPriorConfig
+from nerfstudio_distill.priors.instruct_pix2pix import InstructPix2PixPriorConfig
+from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPriorConfig
 
 EXACT_PRIOR_FILE = "exact_prior.json"
 """Index of an exact-prior image set: ``{"prompts": {"<prompt>": "<subfolder>", ...}, "sigma": 0.0}``."""
@@ -95,17 +96,22 @@ class ExactPriorConfig:
 class PriorConfig:
     """The diffusion prior that judges rendered views."""
 
-    kind: Literal["stable-diffusion", "exact"] = "stable-diffusion"
-    """stable-diffusion: a diffusers SD checkpoint (hub id or local folder). exact: the closed-form
-    optimal denoiser of a labelled image set, for offline demos and scored CPU runs."""
+    kind: Literal["stable-diffusion", "instruct-pix2pix", "exact"] = "stable-diffusion"
+    """stable-diffusion: a diffusers SD checkpoint (hub id or local folder). instruct-pix2pix: an
+    InstructPix2Pix checkpoint, conditioned on the source view's image with the target prompt as the
+    instruction (three-branch CFG: text and image scales). exact: the closed-form optimal denoiser of a
+    labelled image set, for offline demos and scored CPU runs."""
     stable_diffusion: StableDiffusionPriorConfig = field(default_factory=StableDiffusionPriorConfig)
     """Options of the Stable Diffusion prior (used when kind is stable-diffusion)."""
+    instruct_pix2pix: InstructPix2PixPriorConfig = field(default_factory=InstructPix2PixPriorConfig)
+    """Options of the InstructPix2Pix prior (used when kind is instruct-pix2pix)."""
     exact: ExactPriorConfig = field(default_factory=ExactPriorConfig)
     """Options of the exact prior (used when kind is exact)."""
 
     def check(self, flag: str = "--pipeline.prior.") -> None:
         """One-line errors for the options that can be checked without loading anything."""
         check_device(self.stable_diffusion.device, f"{flag}stable-diffusion.device")
+        check_device(self.instruct_pix2pix.device, f"{flag}instruct-pix2pix.device")
         check_device(self.exact.device, f"{flag}exact.device")
         if self.kind == "exact":
             self.exact.folders()
@@ -115,19 +121,28 @@ class PriorConfig:
         """Build the prior; ``device`` is the NeRF's, used when the prior's own device is unset."""
         if self.kind == "exact":
             return self.exact.setup(device)
-        sd = self.stable_diffusion
-        return StableDiffusionPrior(sd, device=sd.device or device)
+        options = self.instruct_pix2pix if self.kind == "instruct-pix2pix" else self.stable_diffusion
+        return options.setup(device=options.device or device)
 
     @property
     def default_guidance_scale(self) -> float:
         """The CFG scale a guidance method uses when ``--pipeline.guidance.guidance-scale`` is None (known
         without loading the prior): Stable Diffusion's ``--pipeline.prior.stable-diffusion.guidance-scale``
-        (7.5), the exact prior's 1."""
+        (7.5), InstructPix2Pix's text scale ``--pipeline.prior.instruct-pix2pix.guidance-scale`` (7.5; its
+        image scale is the prior's own option), the exact prior's 1."""
         if self.kind == "exact":
             from nerfstudio_distill.priors.exact import EXACT_GUIDANCE_SCALE
 
             return EXACT_GUIDANCE_SCALE
+        if self.kind == "instruct-pix2pix":
+            return self.instruct_pix2pix.guidance_scale
         return self.stable_diffusion.guidance_scale
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether the prior is conditioned on the source view's image (instruct-pix2pix), known without
+        loading it."""
+        return self.kind == "instruct-pix2pix"
 
     @property
     def native_resolution(self) -> bool:

@@ -1,0 +1,221 @@
+"""The InstructPix2Pix prior on a tiny random IP2P checkpoint: equal to diffusers' pipeline, one UNet call,
+one-line errors, and its guidance in the methods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nerfstudio_distill.guidance.dds import dds
+from nerfstudio_distill.guidance.pds import pds
+from nerfstudio_distill.guidance.sds import sds
+from nerfstudio_distill.priors import (
+    CFG,
+    Condition,
+    InstructPix2PixPrior,
+    InstructPix2PixPriorConfig,
+    PriorConfig,
+    PriorInputError,
+    PriorLoadError,
+    StableDiffusionPrior,
+)
+from tests.test_priors import assert_one_line, count_calls
+from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_ip2p, build_tiny_sd
+
+PROMPT = "turn the ball red"
+
+
+@pytest.fixture(scope="module")
+def tiny_ip2p(tmp_path_factory):
+    return build_tiny_ip2p(tmp_path_factory.mktemp("tiny_ip2p"))
+
+
+@pytest.fixture(scope="module")
+def ip2p(tiny_ip2p):
+    return InstructPix2PixPrior(model=str(tiny_ip2p), device="cpu", dtype="fp32", local_files_only=True)
+
+
+def image(seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_noise_prediction_equals_diffusers_pipeline(tiny_ip2p, ip2p):
+    """One step of diffusers' StableDiffusionInstructPix2PixPipeline: its UNet input (x_t and its image
+    latents) and its CFG (text+image, image, neither; Brooks et al. 2023 Eq. 3), written out here from the
+    UNet's own outputs, against the prior's one predict_noise call on the same x_t, image, prompt and t."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_ip2p, safety_checker=None)
+    seen = []
+    pipe.unet.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append((args[0], args[1], out[0])), with_kwargs=True
+    )
+    src = image()
+    pipe(
+        PROMPT,
+        image=src,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        image_guidance_scale=1.5,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
+    unet_input, t, out = seen[0]
+    noise_text, noise_image, noise_uncond = out.chunk(3)  # the pipeline's batch order
+    expected = noise_uncond + 7.5 * (noise_text - noise_image) + 1.5 * (noise_image - noise_uncond)
+
+    c_image = ip2p.encode_condition(src)
+    x_t = unet_input[:1, :4]
+    torch.testing.assert_close(unet_input[:, 4:], torch.cat([c_image, c_image, torch.zeros_like(c_image)]))
+    t = torch.as_tensor(t).long().reshape(1)
+    condition = Condition(PROMPT, image=c_image)
+    eps = ip2p.predict_noise(x_t[None], t, [condition], CFG.instruct(text_scale=7.5, image_scale=1.5))
+    torch.testing.assert_close(eps[0], expected, rtol=1e-5, atol=1e-5)
+    # a bare scale is the text scale, with the config's image scale (1.5)
+    torch.testing.assert_close(ip2p.predict_noise(x_t[None], t, [condition], 7.5), eps)
+
+
+def test_image_latents_are_the_unscaled_vae_mode(ip2p):
+    src = image(1, batch=2)
+    c_image = ip2p.encode_condition(src)
+    with torch.no_grad():
+        mode = ip2p.vae.encode(src * 2 - 1).latent_dist.mode()
+    assert c_image.shape == (2, 4, LATENT_SIZE, LATENT_SIZE) and not c_image.requires_grad
+    torch.testing.assert_close(c_image, mode)
+    torch.testing.assert_close(ip2p.encode(src), mode * ip2p.vae.config.scaling_factor)
+
+
+def test_one_unet_call_with_the_image_on_the_channels(ip2p):
+    calls = count_calls(ip2p.unet)
+    inputs = []
+    hook = ip2p.unet.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    try:
+        c_image = ip2p.encode_condition(image(2, batch=3))
+        x_t = torch.randn(2, 3, 4, LATENT_SIZE, LATENT_SIZE)  # G=2 groups, B=3
+        t = torch.tensor([10, 500, 990])
+        conditions = [Condition(PROMPT, c_image), Condition("", c_image[:1])]
+        eps = ip2p.predict_noise(x_t, t, conditions)
+    finally:
+        hook.remove()
+    assert calls == [3 * 2 * 3] and eps.shape == x_t.shape
+    assert inputs[0].shape[1] == 8
+    rows = inputs[0][:, 4:].unflatten(0, (3, 2, 3))  # branches (last first), groups, batch
+    torch.testing.assert_close(rows[0, 0], c_image)  # text + image
+    torch.testing.assert_close(rows[1, 1], c_image[:1].expand(3, -1, -1, -1))  # image only
+    assert not rows[2].any()  # neither: zero image latents
+
+
+def test_both_scales_one_is_the_conditional_branch(tiny_ip2p, ip2p):
+    prior = InstructPix2PixPrior(ip2p.config, image_guidance_scale=1.0)
+    calls = count_calls(prior.unet)
+    assert prior.cfg(1.0) == CFG.conditional()
+    x_t, t = torch.randn(1, 1, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([300])
+    prior.predict_noise(x_t, t, [Condition(PROMPT, ip2p.encode_condition(image()))], 1.0)
+    assert calls == [1]
+
+
+def test_wrong_size_image_condition_is_one_line(ip2p):
+    c_image = ip2p.encode_condition(torch.rand(1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
+    with pytest.raises(PriorInputError) as e:
+        ip2p.predict_noise(
+            torch.randn(1, 1, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([100]), [Condition(PROMPT, c_image)]
+        )
+    assert_one_line(e, "(4, 16, 16)", "(4, 8, 8)", "encode_condition")
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`")
+def test_missing_model_offline_is_one_line():
+    with pytest.raises(PriorLoadError) as e:
+        InstructPix2PixPrior(model="nobody/no-such-ip2p-model-for-tests", device="cpu", local_files_only=True)
+    assert_one_line(e, "--pipeline.prior.instruct-pix2pix.model", "HF_HUB_OFFLINE=1")
+
+
+def test_wrong_kind_of_checkpoint_is_one_line(tmp_path, tiny_ip2p):
+    sd_folder = build_tiny_sd(tmp_path / "sd")
+    with pytest.raises(PriorLoadError) as e:
+        InstructPix2PixPrior(model=str(sd_folder), device="cpu")
+    assert_one_line(e, "takes 4 input channels", "--pipeline.prior.kind stable-diffusion")
+    with pytest.raises(PriorLoadError) as e:
+        StableDiffusionPrior(model=str(tiny_ip2p), device="cpu")
+    assert_one_line(e, "takes 8 input channels", "--pipeline.prior.kind instruct-pix2pix")
+
+
+def test_text_priors_have_no_image_condition(tmp_path):
+    sd = StableDiffusionPrior(model=str(build_tiny_sd(tmp_path / "sd")), device="cpu")
+    with pytest.raises(PriorInputError) as e:
+        sd.encode_condition(image())
+    assert_one_line(e, "instruct-pix2pix")
+
+
+def test_prior_config_builds_it(tiny_ip2p):
+    config = PriorConfig(
+        kind="instruct-pix2pix",
+        instruct_pix2pix=InstructPix2PixPriorConfig(model=str(tiny_ip2p), guidance_scale=5.0),
+    )
+    assert config.default_guidance_scale == 5.0 and config.takes_image and not config.native_resolution
+    prior = config.setup(device="cpu")
+    assert isinstance(prior, InstructPix2PixPrior) and prior.takes_image and prior.device.type == "cpu"
+    assert prior.cfg(5.0) == CFG.instruct(5.0, 1.5)
+    assert InstructPix2PixPriorConfig().model == "timbrooks/instruct-pix2pix"
+
+
+def test_config_fields_documented():
+    import ast
+    import inspect
+
+    from nerfstudio_distill.priors import instruct_pix2pix
+
+    tree = ast.parse(inspect.getsource(instruct_pix2pix))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InstructPix2PixPriorConfig"]
+    fields = [i for i, n in enumerate(cls.body) if isinstance(n, ast.AnnAssign)]
+    assert fields
+    for i in fields:
+        doc = cls.body[i + 1]
+        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), ast.unparse(cls.body[i])
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+@pytest.mark.parametrize("method", ["sds", "dds", "pds", "pds-balanced"])
+def test_guidance_makes_one_three_branch_call(ip2p, method):
+    """SDS, DDS and PDS with an image condition: one UNet call of 3 branches (PDS balanced: 1) per step."""
+    calls = count_calls(ip2p.unet)
+    src = image(3)
+    c_image = ip2p.encode_condition(src)
+    x0 = ip2p.encode(image(4)).requires_grad_(True)
+    x0_src = ip2p.encode(src)
+    target, source = Condition(PROMPT, c_image), Condition("", c_image)
+    if method == "sds":
+        out, groups, branches = sds(ip2p, x0, target, t=500), 1, 3
+    elif method == "dds":
+        out, groups, branches = dds(ip2p, x0, x0_src, target, source, t=500), 2, 3
+    else:
+        rule = "balanced" if method == "pds-balanced" else "reference"
+        t = ip2p.timestep_grid(500)[250]
+        out, groups, branches = pds(ip2p, x0, x0_src, target, source, t=t, rule=rule), 2, 3
+        branches = 1 if rule == "balanced" else branches
+    assert calls == [branches * groups] and torch.isfinite(out.grad).all()
+    out.loss.backward()
+    assert x0.grad is not None
+
+
+def test_pds_balanced_is_the_text_scale_times_the_conditional_difference(ip2p):
+    """PDS "balanced" with InstructPix2Pix: the edit term is s_T (ε̂(x_t; text, image) − ε̂(x̃_t; "", image)),
+    from the conditional branch that keeps the image; the image scale is not used."""
+    src = image(5)
+    c_image = ip2p.encode_condition(src)
+    x0, x0_src = ip2p.encode(image(6)), ip2p.encode(src)
+    target, source = Condition(PROMPT, c_image), Condition("", c_image)
+    t, noise = ip2p.timestep_grid(500)[300:301], torch.randn_like(x0)
+    out = pds(ip2p, x0, x0_src, target, source, t=t, noise=noise, rule="balanced", guidance_scale=4.0)
+    a = ip2p.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x_src = a.sqrt() * x0_src + (1 - a).sqrt() * noise
+    eps_tgt = ip2p.predict_noise(x_t[None], t, [target], CFG.conditional())[0]
+    eps_src = ip2p.predict_noise(x_src[None], t, [source], CFG.conditional())[0]
+    torch.testing.assert_close(out.eps, eps_tgt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.eps_src, eps_src, rtol=1e-5, atol=1e-5)
+    edit = 4.0 * (eps_tgt - eps_src)
+    identity = x0 - x0_src
+    coef = (identity * edit).sum() / edit.pow(2).sum()
+    expected = out.psi * (identity - coef * edit) + out.chi * edit
+    torch.testing.assert_close(out.grad, expected.float(), rtol=1e-4, atol=1e-5)
