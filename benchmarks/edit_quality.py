@@ -158,7 +158,7 @@ class Settings:
     the exact prior, whose conditional score is exact)."""
     lr: float | None = None
     """Learning rate of the field's Adam during the edit (``--optimizers.fields.optimizer.lr``); None: the
-    methods' default (1e-2)."""
+    methods' default (3e-3)."""
     t_min: float = 0.02
     """Lowest t of the edit, as a fraction of T (PDS snaps t to its 500-step grid)."""
     t_max: float = 0.98

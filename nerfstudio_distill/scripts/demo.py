@@ -66,13 +66,6 @@ class DemoArgs:
     """Steps of pds-edit."""
     render_scale: float = 0.5
     """Resolution factor of the views rendered for guidance (the exact prior's images match it)."""
-    psi_scale: float = 1.0
-    """PDS factor on ψ(t) (identity term) relative to χ(t); 1 is pds-edit's default (with its "balanced"
-    rule the edit reaches the target colour, see benchmarks/edit_quality.py)."""
-    guidance_scale: float = 1.0
-    """Classifier-free guidance scale of the edit (1: the exact prior's conditional score, unextrapolated)."""
-    edit_lr: float = 3e-3
-    """Learning rate of the field during the edit (nerfacto's 1e-2 repaints the stripes too)."""
 
 
 def parse_prompt(prompt: str) -> dict[str, str]:
@@ -155,14 +148,13 @@ def main(args: DemoArgs) -> dict[str, Path]:
     prior = write_exact_prior_set(scene, out / "prior", prompts, scale=args.render_scale)
     print(f"3/6 exact prior: {prior}", flush=True)
 
+    # guidance and learning rates: pds-edit's defaults
     run(["ns-train", "pds-edit", *common, "--max-num-iterations", str(args.edit_steps), "--timestamp", "edit"]
         + ["--load-dir", str(base / "nerfstudio_models"), "--steps-per-save", str(args.edit_steps)]
         + ["--pipeline.target-prompt", args.prompt, "--pipeline.source-prompt", source_prompt]
         + ["--pipeline.prior.kind", "exact", "--pipeline.prior.exact.folder", str(prior)]
-        + ["--pipeline.prior-resolution", "None", "--pipeline.render-scale", str(args.render_scale)]
-        + ["--pipeline.guidance.psi-scale", str(args.psi_scale)]
-        + ["--pipeline.guidance.guidance-scale", str(args.guidance_scale)]
-        + ["--optimizers.fields.optimizer.lr", str(args.edit_lr)], logs / "edit.log")  # fmt: skip
+        + ["--pipeline.prior-resolution", "None", "--pipeline.render-scale", str(args.render_scale)],
+        logs / "edit.log")  # fmt: skip
     edit = out / "runs" / "ball" / "pds-edit" / "edit"
     print(f"4/6 pds-edit: {edit}", flush=True)
 
