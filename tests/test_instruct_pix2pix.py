@@ -219,3 +219,83 @@ def test_pds_balanced_is_the_text_scale_times_the_conditional_difference(ip2p):
     coef = (identity * edit).sum() / edit.pow(2).sum()
     expected = out.psi * (identity - coef * edit) + out.chi * edit
     torch.testing.assert_close(out.grad, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ edit pipeline
+def ip2p_edit(tiny_scene, tiny_ip2p, method: str = "pds", rule: str = "balanced", **changes):
+    from nerfstudio_distill.guidance.config import GuidanceConfig
+    from tests.test_edit import edit_config
+
+    prior = PriorConfig(
+        kind="instruct-pix2pix",
+        instruct_pix2pix=InstructPix2PixPriorConfig(model=str(tiny_ip2p), device="cpu", dtype="fp32"),
+    )
+    config = edit_config(
+        tiny_scene,
+        None,
+        guidance=GuidanceConfig(method=method, pds_rule=rule),
+        prior=prior,
+        prior_resolution=IMAGE_SIZE,
+        source_prompt="",
+        target_prompt=PROMPT,
+        **changes,
+    )
+    pipe = config.setup(device="cpu", test_mode="val", grad_scaler=None)
+    pipe.start_edit(0, 10)
+    return pipe
+
+
+@pytest.mark.parametrize("method, rule", [("pds", "balanced"), ("pds", "reference"), ("sds", "balanced")])
+def test_edit_step_conditions_on_the_source_view(tiny_scene, tiny_ip2p, method, rule):
+    """One edit step with InstructPix2Pix: the UNet sees [x_t, source view latents] (zeros in the branch
+    that drops the image; PDS balanced runs the conditional branch alone), the target prompt as the
+    instruction and "" as the source's, and the field gets gradients."""
+    pipe = ip2p_edit(tiny_scene, tiny_ip2p, method, rule)
+    seen = []
+    pipe.prior.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0], kwargs["encoder_hidden_states"])), with_kwargs=True
+    )
+    _, losses, _ = pipe.get_train_loss_dict(step=0)
+    sum(losses.values()).backward()
+    grads = [p.grad for p in pipe.model.field.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+    ((index, condition),) = pipe._source_latents.keys() - {(i, False) for i in range(12)}
+    assert condition
+    source = pipe.datamanager.source_image(index).float()
+    expected = pipe.prior.encode_condition(pipe._to_prior(source))
+    assert expected.shape == (1, 4, LATENT_SIZE, LATENT_SIZE)
+    ((unet_input, text),) = seen
+    groups, branches = (2 if method == "pds" else 1), (1 if method == "pds" and rule == "balanced" else 3)
+    assert unet_input.shape == (branches * groups, 8, LATENT_SIZE, LATENT_SIZE)
+    images = unet_input[:, 4:].unflatten(0, (branches, groups))  # branches (text+image first), groups
+    kept = min(branches, 2)
+    torch.testing.assert_close(images[:kept], expected.expand(kept, groups, -1, -1, -1))
+    assert branches == 1 or not images[2].any()
+    target, empty = pipe.prior.embed([PROMPT, ""])
+    torch.testing.assert_close(text[0], target[0])
+    if method == "pds":
+        torch.testing.assert_close(text[1], empty[0])  # the source branch: the empty instruction
+
+
+def test_source_prompt_is_unused_with_instruct_pix2pix():
+    from nerfstudio_distill.pipelines.edit import EditPipelineConfig, check_prompts
+
+    config = EditPipelineConfig(
+        target_prompt=PROMPT, source_prompt="a ball", prior=PriorConfig(kind="instruct-pix2pix")
+    )
+    with pytest.warns(UserWarning, match="source-prompt is unused"):
+        check_prompts(config)
+
+
+def test_refinement_edits_conditioned_on_the_source_view(tiny_scene, tiny_ip2p):
+    """The refinement stage's SDEdit with InstructPix2Pix is conditioned on the view's original image too."""
+    pipe = ip2p_edit(tiny_scene, tiny_ip2p, refine_steps=4, refine_every=2, refine_denoise_steps=1)
+    seen = []
+    pipe.prior.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    _, losses, _ = pipe.get_train_loss_dict(step=6)  # the first refinement step (of 10)
+    assert "rgb_loss" in losses
+    expected = pipe.prior.encode_condition(pipe._to_prior(pipe.datamanager.source_image(0).float()))
+    (unet_input,) = seen
+    torch.testing.assert_close(unet_input[:2, 4:], expected.expand(2, -1, -1, -1))
+    assert not unet_input[2, 4:].any()

@@ -129,7 +129,8 @@ class GuidanceConfig:
     guidance_scale: float | None = None
     """Classifier-free guidance scale of every branch. None: the prior's default, 7.5 for Stable Diffusion
     (--pipeline.prior.stable-diffusion.guidance-scale) and 1 for the exact prior, whose conditional score
-    is exact. Raise it (SDS text-to-3D: 50-100) for stronger, less diverse edits; 1 disables CFG and
+    is exact. With InstructPix2Pix it is the text scale (default 7.5); its image scale is
+    --pipeline.prior.instruct-pix2pix.image-guidance-scale. Raise it (SDS text-to-3D: 50-100) for stronger, less diverse edits; 1 disables CFG and
     halves the network batch."""
     timesteps: TimestepSchedule = field(default_factory=TimestepSchedule)
     """Range of diffusion timesteps t (fractions of T) and its annealing over training. Lower max_fraction

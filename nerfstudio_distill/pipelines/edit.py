@@ -3,7 +3,9 @@
 One pipeline serves ``pds-edit``, ``dds-edit`` and ``sds-edit``; only ``guidance.method`` differs.
 Each step renders one training view with gradients, encodes it, asks the guidance function for the
 gradient on the latents, and backpropagates it into the field. The source branch (DDS/PDS) is the
-view's original image, encoded once and cached.
+view's original image, encoded once and cached. With an image-conditioned prior (InstructPix2Pix) every
+branch is also conditioned on the view's original image: the target prompt is the instruction, and the
+source branch of DDS/PDS is the empty instruction with that same image (as DreamCatalyst does).
 
 An optional refinement stage (the last ``refine_steps`` steps) runs the SDEdit-based iterative
 dataset update of Instruct-NeRF2NeRF, as the PDS paper does after PDS: every ``refine_every`` steps
@@ -46,6 +48,7 @@ from nerfstudio_distill.pipelines.common import (
     to_prior,
 )
 from nerfstudio_distill.pipelines.trainer import dataparser_outputs
+from nerfstudio_distill.priors.base import Condition
 from nerfstudio_distill.priors.config import PriorConfig
 
 
@@ -60,14 +63,19 @@ class EditPipelineConfig(VanillaPipelineConfig):
     """The scene model; must match the settings of the base nerfacto run. EditNerfactoModelConfig adds
     a "source_rgb" output (the scene before the edit) for the viewer's split screen."""
     target_prompt: str = ""
-    """What the edited scene should show, e.g. "a photo of a man in a suit". Required."""
+    """What the edited scene should show, e.g. "a photo of a man in a suit". Required. With
+    --pipeline.prior.kind instruct-pix2pix it is the instruction, e.g. "turn him into a clown", and each
+    view is edited conditioned on its original image."""
     source_prompt: str = ""
     """What the scene shows now, e.g. "a photo of a man" (the source branch of DDS/PDS). Empty: the
-    unconditional prompt."""
+    unconditional prompt. Unused with instruct-pix2pix, whose source branch is the empty instruction
+    conditioned on the view's original image (as DreamCatalyst)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     """Which distillation gradient (pds, dds, sds) and its options."""
     prior: PriorConfig = field(default_factory=PriorConfig)
-    """The diffusion model that judges the renders."""
+    """The diffusion model that judges the renders. instruct-pix2pix conditions every branch on the view's
+    original image, with three-branch CFG: --pipeline.guidance.guidance-scale is its text scale and
+    --pipeline.prior.instruct-pix2pix.image-guidance-scale its image scale."""
     prior_resolution: int | None = 512
     """Short side, in pixels, of the images given to the prior (renders are resized bilinearly). 512
     suits SD 1.5; None feeds renders at their own size (the exact prior needs that)."""
@@ -108,7 +116,9 @@ class DistillationPanel(nn.Module):
         self.target_prompt = ViewerText(
             "Target prompt", config.target_prompt, hint="Used from the next step on"
         )
-        self.guidance_scale = ViewerNumber("CFG scale", g.guidance_scale, hint="Classifier-free guidance")
+        self.guidance_scale = ViewerNumber(
+            "CFG scale", g.guidance_scale, hint="Classifier-free guidance (InstructPix2Pix: the text scale)"
+        )
         self.psi_scale = ViewerNumber("PDS psi scale", g.psi_scale, hint="Identity-preservation term")
         self.chi_scale = ViewerNumber("PDS chi scale", g.chi_scale, hint="Editing term")
         self.prompt_in_use = ViewerText("Prompt in use", "-", disabled=True, hint="Target of the last step")
@@ -138,7 +148,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         self.Distillation = DistillationPanel(config, self.guidance.config)
         if training:  # the prior knows its prompts (the exact prior refuses unknown ones)
             self.prior.embed([config.target_prompt.strip(), config.source_prompt.strip()])
-        self._source_latents: dict[int, Tensor] = {}
+        self._source_latents: dict[tuple[int, bool], Tensor] = {}
         self._num_steps = 1
         self._refine_started = False
         self._prompt = config.target_prompt.strip()
@@ -178,12 +188,13 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         def guide(latents: Tensor, outputs: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
             source = self._source(index, crop, scale) if settings.spec.needs_source else None
             self._prompt = live_prompt(self.prior, panel.target_prompt.value, self._prompt, lambda p: [p])
+            prompt, prompt_src = self._conditions(self._prompt, index, crop, scale)
             out = self.guidance(
                 self.prior,
                 latents,
-                self._prompt,
+                prompt,
                 x0_src=source,
-                prompt_src=self.config.source_prompt,
+                prompt_src=prompt_src,
                 progress=progress,
                 generator=rng,
             )
@@ -232,10 +243,25 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         """Render (or source image) to the prior's input: channels first, resized to prior_resolution."""
         return to_prior(image, self.config.prior_resolution, self.prior.size_multiple)
 
-    def _source(self, index: int, crop: tuple[int, int, int, int] | None, scale: float) -> Tensor:
-        """Latents of view ``index``'s original image, cut like the render; cached for whole views."""
-        if crop is None and index in self._source_latents:
-            return self._source_latents[index]
+    def _conditions(
+        self, prompt: str, index: int, crop: tuple[int, int, int, int] | None, scale: float
+    ) -> tuple[str | Condition, str | Condition]:
+        """The target and source conditions of view ``index``: the two prompts; for a prior conditioned on
+        images (InstructPix2Pix), the target prompt as the instruction and the empty instruction, both with
+        the view's original image, cut like the render (the source branch of DreamCatalyst)."""
+        if not self.prior.takes_image:
+            return prompt, self.config.source_prompt
+        image = self._source(index, crop, scale, condition=True)
+        return Condition(prompt, image=image), Condition("", image=image)
+
+    def _source(
+        self, index: int, crop: tuple[int, int, int, int] | None, scale: float, condition: bool = False
+    ) -> Tensor:
+        """Latents of view ``index``'s original image, cut like the render (``condition``: the prior's image
+        condition of it, :meth:`~nerfstudio_distill.priors.base.Prior.encode_condition`); cached for whole
+        views."""
+        if crop is None and (index, condition) in self._source_latents:
+            return self._source_latents[(index, condition)]
         image = self.datamanager.source_image(index).to(self.device)
         if scale != 1.0:
             size = (int(image.shape[0] * scale), int(image.shape[1] * scale))
@@ -244,9 +270,10 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             top, left, height, width = crop
             image = image[top : top + height, left : left + width]
         with torch.no_grad():
-            latents = self.prior.encode(self._to_prior(image.float()))
+            x = self._to_prior(image.float())
+            latents = self.prior.encode_condition(x) if condition else self.prior.encode(x)
         if crop is None:
-            self._source_latents[index] = latents
+            self._source_latents[(index, condition)] = latents
         return latents
 
     # ------------------------------------------------------------ refinement
@@ -264,12 +291,13 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
             with torch.no_grad(), torch.autocast(device_type=render.device.type, enabled=False):
                 latents = self.prior.encode(self._to_prior(render))
+                prompt = live_prompt(
+                    self.prior, self.Distillation.target_prompt.value, self._prompt, lambda p: [p]
+                )
                 edited = sdedit(
                     self.prior,
                     latents,
-                    live_prompt(
-                        self.prior, self.Distillation.target_prompt.value, self._prompt, lambda p: [p]
-                    ),
+                    self._conditions(prompt, index, None, self.config.render_scale)[0],
                     strength=self.config.refine_strength,
                     num_steps=self.config.refine_denoise_steps,
                     guidance_scale=self._viewer_guidance().guidance_scale,
@@ -297,7 +325,15 @@ def check_prompts(config: EditPipelineConfig) -> None:
     """One-line errors (and a warning) for the prompts of an edit."""
     if not config.target_prompt.strip():
         raise DistillError('an edit needs a target: pass --pipeline.target-prompt "a photo of ..."')
-    if config.target_prompt.strip() == config.source_prompt.strip():
+    if config.prior.takes_image:
+        if config.source_prompt.strip():
+            warnings.warn(
+                "--pipeline.source-prompt is unused with --pipeline.prior.kind instruct-pix2pix: the source "
+                "branch is the empty instruction conditioned on the view's original image",
+                UserWarning,
+                stacklevel=2,
+            )
+    elif config.target_prompt.strip() == config.source_prompt.strip():
         warnings.warn(
             "--pipeline.target-prompt equals --pipeline.source-prompt: DDS/PDS will leave the scene "
             "unchanged (a valid no-op check)",
