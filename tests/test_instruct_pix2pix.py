@@ -299,3 +299,19 @@ def test_refinement_edits_conditioned_on_the_source_view(tiny_scene, tiny_ip2p):
     (unet_input,) = seen
     torch.testing.assert_close(unet_input[:2, 4:], expected.expand(2, -1, -1, -1))
     assert not unet_input[2, 4:].any()
+
+
+def test_distill_2d_refuses_instruct_pix2pix_for_now(tmp_path):
+    """ns-distill-2d would run InstructPix2Pix without its image condition: a one-line error until it
+    previews IP2P edits; its settings record names the prior's own options."""
+    from nerfstudio_distill.errors import Distill2DError
+    from nerfstudio_distill.scripts import distill_2d
+
+    args = distill_2d.Distill2DArgs(
+        image=tmp_path, target_prompt=PROMPT, prior=PriorConfig(kind="instruct-pix2pix"), output_dir=tmp_path
+    )
+    with pytest.raises(Distill2DError) as e:
+        distill_2d.check_args(args)
+    assert_one_line(e, "--prior.kind instruct-pix2pix", "ns-train pds-edit")
+    settings = distill_2d.settings_of(args)["prior"]
+    assert settings["instruct_pix2pix"]["model"] == "timbrooks/instruct-pix2pix"

@@ -461,6 +461,11 @@ def check_args(args: Distill2DArgs) -> None:
     """One-line errors for the options, before anything is loaded."""
     if not args.target_prompt.strip():
         raise Distill2DError('--target-prompt is empty: pass the text to edit towards, e.g. "a blue ball"')
+    if args.prior.takes_image:  # it would run without its image condition
+        raise Distill2DError(
+            "--prior.kind instruct-pix2pix is not previewed by ns-distill-2d yet: edit a scene with it "
+            "(ns-train pds-edit --pipeline.prior.kind instruct-pix2pix), or preview with stable-diffusion"
+        )
     if args.steps < 1 or not (math.isfinite(args.lr) and args.lr > 0):
         raise Distill2DError(f"--steps {args.steps} --lr {args.lr}: use steps >= 1 and a finite lr > 0")
     check_device(args.device, "--device")
@@ -477,7 +482,7 @@ def check_args(args: Distill2DArgs) -> None:
 def settings_of(args: Distill2DArgs) -> dict[str, Any]:
     """``args`` as JSON-ready data, with only the prior in use."""
     settings = dataclasses.asdict(args)
-    kind = "exact" if args.prior.kind == "exact" else "stable_diffusion"
+    kind = args.prior.kind.replace("-", "_")  # the field of PriorConfig with its options
     settings["prior"] = {"kind": args.prior.kind, kind: settings["prior"][kind]}
     return settings
 
