@@ -301,17 +301,54 @@ def test_refinement_edits_conditioned_on_the_source_view(tiny_scene, tiny_ip2p):
     assert not unet_input[2, 4:].any()
 
 
-def test_distill_2d_refuses_instruct_pix2pix_for_now(tmp_path):
-    """ns-distill-2d would run InstructPix2Pix without its image condition: a one-line error until it
-    previews IP2P edits; its settings record names the prior's own options."""
-    from nerfstudio_distill.errors import Distill2DError
+def test_distill_2d_previews_an_edit_conditioned_on_the_input_image(tmp_path, tiny_ip2p, monkeypatch):
+    """ns-distill-2d with InstructPix2Pix, as the edit pipeline: the UNet sees [x_t, the input image's
+    condition latents] (zeros in the branch that drops the image), the instruction in the target group and
+    "" in dds's source group; the source prompt is unused (warned); the outputs are written."""
+    import json
+    import sys
+
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
     from nerfstudio_distill.scripts import distill_2d
 
-    args = distill_2d.Distill2DArgs(
-        image=tmp_path, target_prompt=PROMPT, prior=PriorConfig(kind="instruct-pix2pix"), output_dir=tmp_path
-    )
-    with pytest.raises(Distill2DError) as e:
-        distill_2d.check_args(args)
-    assert_one_line(e, "--prior.kind instruct-pix2pix", "ns-train pds-edit")
-    settings = distill_2d.settings_of(args)["prior"]
-    assert settings["instruct_pix2pix"]["model"] == "timbrooks/instruct-pix2pix"
+    path = tmp_path / "input.png"
+    pixels = (image(3)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    out = tmp_path / "out"
+    args = ["--image", str(path), "--target-prompt", PROMPT, "--source-prompt", "a ball", "--device", "cpu"]
+    args += ["--prior.kind", "instruct-pix2pix", "--prior.instruct-pix2pix.model", str(tiny_ip2p)]
+    args += ["--prior.instruct-pix2pix.dtype", "fp32", "--resolution", str(IMAGE_SIZE), "--steps", "2"]
+    args += ["--guidance.method", "dds", "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", ["ns-distill-2d", *args])
+    seen, forward = [], UNet2DConditionModel.forward
+
+    def record(unet, sample, *args, **kwargs):
+        seen.append((sample, kwargs["encoder_hidden_states"]))
+        return forward(unet, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", record)
+    with pytest.warns(UserWarning, match="--source-prompt is unused with --prior.kind instruct-pix2pix"):
+        distill_2d.entrypoint()
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(distill_2d.OUTPUT_FILES)
+    report = json.loads((out / "distill_2d.json").read_text())
+    assert report["settings"]["prior"].keys() == {"kind", "instruct_pix2pix"}  # only the prior in use
+    assert report["settings"]["prior"]["instruct_pix2pix"]["model"] == str(tiny_ip2p)
+    assert np.isfinite(report["readouts"]["grad_norm"])
+    prior = InstructPix2PixPrior(model=str(tiny_ip2p), device="cpu", dtype="fp32", local_files_only=True)
+    x = distill_2d.prior_input(distill_2d.load_image(path), prior, IMAGE_SIZE)
+    expected = prior.encode_condition(x)
+    assert expected.shape == (1, 4, LATENT_SIZE, LATENT_SIZE)
+    target, empty = prior.embed([PROMPT, ""])
+    assert len(seen) == 2  # one UNet call per step
+    for unet_input, text in seen:
+        assert unet_input.shape == (3 * 2, 8, LATENT_SIZE, LATENT_SIZE)  # 3 branches x (target, source)
+        images = unet_input[:, 4:].unflatten(0, (3, 2))  # branches (text+image first), groups
+        torch.testing.assert_close(images[:2], expected.expand(2, 2, -1, -1, -1))
+        assert not images[2].any()
+        torch.testing.assert_close(text[0], target[0])  # the instruction
+        torch.testing.assert_close(text[1], empty[0])  # the source branch: the empty instruction

@@ -48,8 +48,8 @@ from nerfstudio_distill.pipelines.common import (
     to_prior,
 )
 from nerfstudio_distill.pipelines.trainer import dataparser_outputs
-from nerfstudio_distill.priors.base import Condition
-from nerfstudio_distill.priors.config import PriorConfig
+from nerfstudio_distill.priors.base import Condition, instruction_conditions
+from nerfstudio_distill.priors.config import PriorConfig, warn_unused_source_prompt
 
 
 @dataclass
@@ -251,8 +251,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         the view's original image, cut like the render (the source branch of DreamCatalyst)."""
         if not self.prior.takes_image:
             return prompt, self.config.source_prompt
-        image = self._source(index, crop, scale, condition=True)
-        return Condition(prompt, image=image), Condition("", image=image)
+        return instruction_conditions(prompt, self._source(index, crop, scale, condition=True))
 
     def _source(
         self, index: int, crop: tuple[int, int, int, int] | None, scale: float, condition: bool = False
@@ -326,13 +325,9 @@ def check_prompts(config: EditPipelineConfig) -> None:
     if not config.target_prompt.strip():
         raise DistillError('an edit needs a target: pass --pipeline.target-prompt "a photo of ..."')
     if config.prior.takes_image:
-        if config.source_prompt.strip():
-            warnings.warn(
-                "--pipeline.source-prompt is unused with --pipeline.prior.kind instruct-pix2pix: the source "
-                "branch is the empty instruction conditioned on the view's original image",
-                UserWarning,
-                stacklevel=2,
-            )
+        warn_unused_source_prompt(
+            config.prior, config.source_prompt, "--pipeline.", "the view's original image"
+        )
     elif config.target_prompt.strip() == config.source_prompt.strip():
         warnings.warn(
             "--pipeline.target-prompt equals --pipeline.source-prompt: DDS/PDS will leave the scene "

@@ -39,6 +39,7 @@ __all__ = [
     "Prior",
     "PriorInputError",
     "classifier_free_guidance",
+    "instruction_conditions",
     "scaled_linear_betas",
 ]
 
@@ -63,6 +64,13 @@ class Condition:
     camera: Float[Tensor, "b D"] | None = None
     """A camera per batch element (b = B) or one for all (b = 1), in the prior's own encoding. None: no
     camera condition."""
+
+
+def instruction_conditions(instruction: str, image: Float[Tensor, "b C h w"]) -> tuple[Condition, Condition]:
+    """The target and source conditions of an edit by a prior conditioned on images (InstructPix2Pix):
+    the instruction and the empty instruction, both on ``image``, the condition latents of the unedited
+    image (:meth:`Prior.encode_condition`). The source branch is DreamCatalyst's."""
+    return Condition(instruction, image=image), Condition("", image=image)
 
 
 @dataclass(frozen=True)

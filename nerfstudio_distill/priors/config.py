@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -148,3 +149,16 @@ class PriorConfig:
     def native_resolution(self) -> bool:
         """Whether the prior takes renders at their own size (exact) rather than resized (SD)."""
         return self.kind == "exact"
+
+
+def warn_unused_source_prompt(config: PriorConfig, source_prompt: str, prefix: str, image: str) -> None:
+    """Warn (as the caller's caller) when a source prompt is given to a prior conditioned on images
+    (instruct-pix2pix): its source branch is the empty instruction on ``image`` (e.g. "the input image");
+    ``prefix`` is how the flags are written ("--pipeline." or "--")."""
+    if config.takes_image and source_prompt.strip():
+        warnings.warn(
+            f"{prefix}source-prompt is unused with {prefix}prior.kind instruct-pix2pix: the source branch "
+            f"is the empty instruction conditioned on {image}",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -8,6 +8,13 @@ with Stable Diffusion on a GPU it is the quick way to tune prompts, CFG and PDS'
     ns-distill-2d --image photo.png --target-prompt "a photo of a man in a suit" \
         --source-prompt "a photo of a man" --guidance.method pds --output-dir tune/suit
 
+With ``--prior.kind instruct-pix2pix`` the target prompt is the instruction and every step is conditioned
+on the input image, as an edit of a scene conditions each view on its original image (dds/pds's source
+branch: the empty instruction on the same image)::
+
+    ns-distill-2d --image photo.png --target-prompt "turn him into a clown" \
+        --prior.kind instruct-pix2pix --guidance.method pds --output-dir tune/clown
+
 ``--sweep NAME=V1,V2,...`` (once or twice) runs one such edit per value (per pair of values) of guidance
 options and writes a contact sheet of the grid (sweep.png) and each cell's readouts (sweep.json).
 """
@@ -35,8 +42,8 @@ from nerfstudio_distill.data.images import read_rgb
 from nerfstudio_distill.errors import Distill2DError, DistillError, exit_message
 from nerfstudio_distill.guidance.common import GuidanceOutput
 from nerfstudio_distill.guidance.config import METHODS, GuidanceConfig
-from nerfstudio_distill.priors.base import Prior, check_device
-from nerfstudio_distill.priors.config import PriorConfig
+from nerfstudio_distill.priors.base import Condition, Prior, check_device, instruction_conditions
+from nerfstudio_distill.priors.config import PriorConfig, warn_unused_source_prompt
 
 OUTPUT_FILES = ("result.png", "strip.png", "distill_2d.json")
 """What ``--output-dir`` receives."""
@@ -73,10 +80,12 @@ class Distill2DArgs:
     """An image file (PNG, JPEG, ...), or a nerfstudio dataset folder (with transforms.json) whose frame
     --view is edited. Alpha is dropped."""
     target_prompt: str
-    """What the edited image should show, e.g. "a photo of a man in a suit". Required, non-empty."""
+    """What the edited image should show, e.g. "a photo of a man in a suit"; with --prior.kind
+    instruct-pix2pix the instruction, e.g. "turn him into a clown". Required, non-empty."""
     source_prompt: str = ""
     """What the image shows now (the source branch of dds/pds), e.g. "a photo of a man". Empty: the
-    unconditional prompt."""
+    unconditional prompt. Unused with instruct-pix2pix, whose source branch is the empty instruction
+    conditioned on the input image."""
     view: int = 0
     """With a dataset folder: index of the frame in transforms.json's "frames" list."""
     output_dir: Path = Path("distill_2d")
@@ -89,7 +98,9 @@ class Distill2DArgs:
     as --pipeline.guidance.* of the 3D methods."""
     prior: PriorConfig = field(default_factory=PriorConfig)
     """The diffusion prior: --prior.kind stable-diffusion with --prior.stable-diffusion.model (hub id or
-    local folder), or --prior.kind exact with --prior.exact.folder (an exact-prior image set)."""
+    local folder), --prior.kind instruct-pix2pix with --prior.instruct-pix2pix.model (every step
+    conditioned on the input image; --prior.instruct-pix2pix.image-guidance-scale its image CFG), or
+    --prior.kind exact with --prior.exact.folder (an exact-prior image set)."""
     optimize: Literal["pixels", "latents"] = "latents"
     """What is optimised: the prior's latents (decoded for the outputs), or the pixels (the gradient flows
     back through the encoder; kept in [0, 1]). Identical for the exact prior, whose latents are pixels."""
@@ -218,10 +229,17 @@ def distill_image(
     seed: int = 0,
 ) -> Distill2DResult:
     """Optimise ``image`` (already at the prior's input size) with ``guidance``; the source branch of dds/pds
-    is the input image itself. See :class:`Distill2DArgs` for the options."""
+    is the input image itself. With a prior conditioned on images (InstructPix2Pix) every branch is also
+    conditioned on the input image, the target prompt is the instruction and the source branch the empty
+    instruction (``source_prompt`` unused), as in the edit pipeline. See :class:`Distill2DArgs` for the
+    options."""
     source = image.to(prior.device, torch.float32)
     with torch.no_grad():
         source_latents = prior.encode(source)
+        target: str | Condition = target_prompt
+        source_condition: str | Condition = source_prompt
+        if prior.takes_image:
+            target, source_condition = instruction_conditions(target_prompt, prior.encode_condition(source))
     if optimize == "latents":
         param = source_latents.clone().requires_grad_(True)
     else:
@@ -249,9 +267,9 @@ def distill_image(
         out = guidance(
             prior,
             latents,
-            target_prompt,
+            target,
             x0_src=source_latents,
-            prompt_src=source_prompt,
+            prompt_src=source_condition,
             progress=step / steps,
             generator=generator,
         )
@@ -461,11 +479,7 @@ def check_args(args: Distill2DArgs) -> None:
     """One-line errors for the options, before anything is loaded."""
     if not args.target_prompt.strip():
         raise Distill2DError('--target-prompt is empty: pass the text to edit towards, e.g. "a blue ball"')
-    if args.prior.takes_image:  # it would run without its image condition
-        raise Distill2DError(
-            "--prior.kind instruct-pix2pix is not previewed by ns-distill-2d yet: edit a scene with it "
-            "(ns-train pds-edit --pipeline.prior.kind instruct-pix2pix), or preview with stable-diffusion"
-        )
+    warn_unused_source_prompt(args.prior, args.source_prompt, "--", "the input image")
     if args.steps < 1 or not (math.isfinite(args.lr) and args.lr > 0):
         raise Distill2DError(f"--steps {args.steps} --lr {args.lr}: use steps >= 1 and a finite lr > 0")
     check_device(args.device, "--device")
@@ -573,7 +587,8 @@ def main(args: Distill2DArgs) -> dict[str, Path]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prior = args.prior.setup(device)
     x = prior_input(image, prior, args.resolution)
-    prior.embed([args.target_prompt, args.source_prompt])  # unknown prompts fail here, before any step
+    prompts = [args.target_prompt, "" if prior.takes_image else args.source_prompt]
+    prior.embed(prompts)  # unknown prompts fail here, before any step
     return write_sweep(args, prior, x) if args.sweep else write_single(args, prior, x)
 
 
