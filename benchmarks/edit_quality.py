@@ -358,19 +358,18 @@ def render_run(run: Path, per_image: bool = False) -> dict[str, Any]:
     for dataset, is_eval in ((dm.train_dataset, False), (dm.eval_dataset, True)):
         cameras = dataset.cameras.to(pipeline.device)
         own = per_image and not is_eval
+        # camera index i of the train set = its appearance embedding; the field uses the embedding of the
+        # ray's camera only in training mode (nerfacto_field), the rest of the model stays in eval mode
+        pipeline.model.field.train(own)
         for i, filename in enumerate(dataset._dataparser_outputs.image_filenames):
             frames.append(int(Path(filename).stem.split("_")[-1]))  # images/frame_00012.png -> 12
             held_out.append(is_eval)
-            # camera index i of the train set = its appearance embedding; the field uses the embedding
-            # of the ray's camera only in training mode (nerfacto_field), the rest of the model stays eval
             if own:
                 bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
             else:
                 bundle = cameras[i : i + 1].generate_rays(camera_indices=0, keep_shape=True)
-            pipeline.model.field.train(own)
             with torch.no_grad():
                 out = pipeline.model.get_outputs_for_camera_ray_bundle(bundle)
-            pipeline.model.field.train(False)
             rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
             depth.append(out["depth"][..., 0].cpu().numpy() / scale)
     return {
@@ -486,8 +485,9 @@ def run(
         base_run = run_dir(work, "nerfacto", "base")
         base_key = {name: getattr(s, name) for name in BASE_FIELDS}
         marker = work / "base.json"
-        if reuse_base and marker.exists() and json.loads(marker.read_text())["settings"] == base_key:
-            base_seconds = json.loads(marker.read_text())["seconds"]
+        kept = json.loads(marker.read_text()) if reuse_base and marker.exists() else {}
+        if kept.get("settings") == base_key:
+            base_seconds = kept["seconds"]
             log(f"reusing the base in {base_run}")
         else:
             shutil.rmtree(work / "out", ignore_errors=True)
