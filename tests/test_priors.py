@@ -283,6 +283,146 @@ def test_exact_from_folders(tmp_path):
     assert_one_line(e, "no *.png")
 
 
+# ------------------------------------------------------------------------- exact prior with image condition
+def conditioned_set():
+    """Edit pairs in 2D: "after" points μ_i with their "before" images c_i (4-vectors), two instructions."""
+    g = torch.Generator().manual_seed(3)
+    before = torch.randn(6, 4, generator=g)
+    after = torch.randn(6, 4, generator=g)
+    labels = ["turn", "turn", "turn", "keep", "keep", "keep"]
+    return after, before, labels
+
+
+def brute_force_conditioned(points, conditions, labels, sigma, tau, acp, x, t, prompt, c):
+    """ε̂ of ONE x_t under the pair mixture Σ_i N(x0; μ_i, σ²) N(c; c_i, τ²), c None: the plain mixture."""
+    a = float(acp[t])
+    v = a * sigma**2 + 1 - a
+    num, den = 0.0, 0.0
+    for mu, ci, label in zip(points.double(), conditions.double(), labels, strict=True):
+        if prompt not in ("", label):
+            continue
+        d = math.exp(-float(((x.double() - math.sqrt(a) * mu) ** 2).sum()) / (2 * v))
+        if c is not None:
+            d *= math.exp(-float(((c.double() - ci) ** 2).sum()) / (2 * tau**2))
+        num, den = num + d * mu, den + d
+    m = num / den
+    return math.sqrt(1 - a) * (x.double() - math.sqrt(a) * m) / v
+
+
+@pytest.mark.parametrize("prompt", ["", "turn"])
+@pytest.mark.parametrize("with_image", [False, True])
+def test_exact_image_condition_matches_brute_force(prompt, with_image):
+    points, conditions, labels = conditioned_set()
+    tau = 1.5
+    prior = ExactPrior(points, labels, sigma=0.2, conditions=conditions, condition_sigma=tau)
+    assert prior.takes_image
+    g = torch.Generator().manual_seed(4)
+    t = torch.tensor([50, 400, 900])
+    x = torch.randn(3, 4, generator=g)
+    c = conditions[1] + 0.5 * torch.randn(4, generator=g)  # near the second pair's "before"
+    images = [c.float()] * 3 if with_image else None
+    eps = prior._eps(x, t, prior.embed([prompt] * 3), images=images)
+    for i in range(3):
+        ref = brute_force_conditioned(
+            points,
+            conditions,
+            labels,
+            0.2,
+            tau,
+            prior.alphas_cumprod.double(),
+            x[i],
+            int(t[i]),
+            prompt,
+            c if with_image else None,
+        )
+        torch.testing.assert_close(eps[i].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_image_condition_picks_the_pair_of_its_before_image():
+    """With c = c_i and a small τ, E[x0 | x_t, y, c] is μ_i at every noise level: the exact instruct edit."""
+    points, conditions, labels = conditioned_set()
+    prior = ExactPrior(points, labels, conditions=conditions, condition_sigma=0.05)
+    x = torch.randn(2, 4)
+    for i in (0, 2):  # two "turn" pairs
+        x0 = prior.posterior_mean(
+            x, torch.tensor([999]), Condition("turn", image=conditions[i : i + 1].float())
+        )
+        torch.testing.assert_close(x0, points[i].float().expand(2, 4))
+    # the empty instruction on the same image: the pairs of both instructions with that "before" (one here)
+    x0 = prior.posterior_mean(x, torch.tensor([999]), Condition("", image=conditions[3:4].float()))
+    torch.testing.assert_close(x0, points[3].float().expand(2, 4))
+
+
+def test_exact_image_condition_is_three_branch_cfg_in_one_call(monkeypatch):
+    points, conditions, labels = conditioned_set()
+    prior = ExactPrior(points, labels, conditions=conditions, condition_sigma=1.0, image_guidance_scale=2.0)
+    assert prior.cfg(3.0) == CFG.instruct(3.0, 2.0) and prior.cfg(1.0) == CFG.instruct(1.0, 2.0)
+    calls = []
+    inner = prior._eps
+    monkeypatch.setattr(prior, "_eps", lambda *a, **k: (calls.append(a[0].shape[0]), inner(*a, **k))[1])
+    x, t = torch.randn(1, 2, 4), torch.tensor([300, 700])
+    c = conditions[:2].float()
+    out = prior.predict_noise(x, t, [Condition("turn", image=c)], guidance_scale=3.0)
+    assert calls == [3 * 2]
+    e_00 = inner(x[0], t, prior.embed(["", ""]))
+    e_0c = inner(x[0], t, prior.embed(["", ""]), images=list(c))
+    e_tc = inner(x[0], t, prior.embed(["turn", "turn"]), images=list(c))
+    torch.testing.assert_close(out[0], e_00 + 2.0 * (e_0c - e_00) + 3.0 * (e_tc - e_0c))
+
+
+def test_exact_image_condition_errors_are_one_line(tmp_path):
+    points, conditions, labels = conditioned_set()
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(points, labels, conditions=conditions[:, :3])
+    assert_one_line(e, "one condition image per component")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(points, labels, conditions=conditions, condition_sigma=0.0)
+    assert_one_line(e, "condition_sigma")
+    prior = ExactPrior(points, labels, conditions=conditions)
+    with pytest.raises(PriorInputError) as e:
+        prior.predict_noise(
+            torch.randn(1, 1, 4), torch.tensor([5]), [Condition("turn", image=torch.randn(1, 3))]
+        )
+    assert_one_line(e, "(3,)", "(4,)", "encode_condition")
+    plain = ExactPrior(points, labels)
+    assert not plain.takes_image
+    with pytest.raises(PriorInputError) as e:
+        plain.predict_noise(
+            torch.randn(1, 1, 4), torch.tensor([5]), [Condition("turn", image=torch.randn(1, 4))]
+        )
+    assert_one_line(e, "takes no image condition")
+    with pytest.raises(PriorInputError) as e:
+        plain.encode_condition(torch.rand(1, 4))
+    assert_one_line(e, "takes no image condition")
+
+
+def test_exact_from_folders_with_condition_images(tmp_path):
+    rng = np.random.default_rng(1)
+    for folder in ("after", "before"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)).save(
+                tmp_path / folder / f"{i}.png"
+            )
+    prior = ExactPrior.from_folders(
+        {"turn": tmp_path / "after"}, {"turn": tmp_path / "before"}, condition_sigma=0.2
+    )
+    assert prior.takes_image and prior.conditions.shape == prior.points.shape == (2, 3, 4, 5)
+    expected = (
+        torch.from_numpy(np.array(Image.open(tmp_path / "before" / "1.png"))).permute(2, 0, 1).double()
+    )
+    torch.testing.assert_close(prior.conditions[1], expected / 255)
+    image = torch.rand(1, 3, 4, 5)
+    assert torch.equal(prior.encode_condition(image), image)
+    (tmp_path / "before" / "1.png").unlink()
+    with pytest.raises(PriorLoadError) as e:
+        ExactPrior.from_folders({"turn": tmp_path / "after"}, {"turn": tmp_path / "before"})
+    assert_one_line(e, "1.png not found", "condition image")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior.from_folders({"turn": tmp_path / "after"}, {"other": tmp_path / "before"})
+    assert_one_line(e, "every prompt a condition folder")
+
+
 # ----------------------------------------------------------------------------------------- stable diffusion
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):

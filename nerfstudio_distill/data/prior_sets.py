@@ -4,6 +4,11 @@
 for every prompt, each listed attribute variant of the scene's object from every camera of
 ``transforms.json``, and writes ``out/<n>/<variant>_<frame>.png`` plus ``exact_prior.json``, the
 format :class:`~nerfstudio_distill.priors.config.ExactPriorConfig` reads.
+
+An image-conditioned set (an exact InstructPix2Pix) also gives, per prompt (then an instruction), the
+"before" object of each variant: ``conditions={"turn the ball blue": [{"colour": "red"}], ...}``. Each
+image's condition, the "before" seen from the same camera, goes to ``out/<n>/condition/`` under the same
+name.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nerfstudio_distill.data.scene import load_scene, render, with_attributes
+from nerfstudio_distill.data.scene import SceneCameras, SceneSpec, load_scene, render, with_attributes
 from nerfstudio_distill.errors import SceneError
 from nerfstudio_distill.priors.config import EXACT_PRIOR_FILE
 
@@ -45,6 +50,8 @@ def write_exact_prior_set(
     sigma: float = 0.0,
     overwrite: bool = False,
     scale: float = 1.0,
+    conditions: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    condition_sigma: float | None = None,
 ) -> Path:
     """Render each prompt's attribute variants from the scene's cameras; returns ``output_dir``.
 
@@ -56,6 +63,9 @@ def write_exact_prior_set(
         sigma: std of the exact prior's Gaussians, stored in the index.
         overwrite: replace an existing non-empty ``output_dir``.
         scale: resolution factor of the renders; match the edit's ``--pipeline.render-scale``.
+        conditions: prompt -> the "before" of each of its variants (same length as ``prompts[prompt]``):
+            makes the set image-conditioned; every prompt needs its list.
+        condition_sigma: τ of the image condition, stored in the index (None: the prior's default).
     """
     spec, cameras = load_scene(scene_dir)
     if scale != 1.0:
@@ -75,19 +85,40 @@ def write_exact_prior_set(
         raise SceneError(
             "every prompt needs a non-empty text and at least one variant: fix the prompts mapping"
         )
+    before = None
+    if conditions is not None:
+        if set(conditions) != set(variants) or any(len(conditions[p]) != len(v) for p, v in variants.items()):
+            raise SceneError(
+                "conditions must give every prompt one 'before' per variant: make conditions[prompt] as long "
+                "as prompts[prompt], for every prompt"
+            )
+        before = {p: [with_attributes(spec, **changes) for changes in c] for p, c in conditions.items()}
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SceneError(f"{out} exists and is not empty: pass overwrite=True or choose another folder")
         shutil.rmtree(out)
-    index = {}
+    index: dict[str, Any] = {"prompts": {}, "sigma": sigma}
+    if before is not None:
+        index["conditions"] = {}
+        if condition_sigma is not None:
+            index["condition_sigma"] = condition_sigma
     for n, (prompt, specs) in enumerate(variants.items()):
         folder = out / f"set_{n:02d}"
         folder.mkdir(parents=True)
-        index[prompt] = folder.name
-        for v, variant in enumerate(specs):
-            for f, rgb in enumerate(render(variant, cameras)["rgb"]):
-                image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
-                Image.fromarray(image).save(folder / f"variant{v:02d}_frame{f:05d}.png")
-    (out / EXACT_PRIOR_FILE).write_text(json.dumps({"prompts": index, "sigma": sigma}, indent=2))
+        index["prompts"][prompt] = folder.name
+        _write_renders(specs, cameras, folder)
+        if before is not None:
+            (folder / "condition").mkdir()
+            index["conditions"][prompt] = f"{folder.name}/condition"
+            _write_renders(before[prompt], cameras, folder / "condition")
+    (out / EXACT_PRIOR_FILE).write_text(json.dumps(index, indent=2))
     return out
+
+
+def _write_renders(specs: Sequence[SceneSpec], cameras: SceneCameras, folder: Path) -> None:
+    """``folder/variant<v>_frame<f>.png``: object ``specs[v]`` seen from camera ``f``."""
+    for v, variant in enumerate(specs):
+        for f, rgb in enumerate(render(variant, cameras)["rgb"]):
+            image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"variant{v:02d}_frame{f:05d}.png")

@@ -19,7 +19,9 @@ from nerfstudio_distill.priors.instruct_pix2pix import InstructPix2PixPriorConfi
 from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPriorConfig
 
 EXACT_PRIOR_FILE = "exact_prior.json"
-"""Index of an exact-prior image set: ``{"prompts": {"<prompt>": "<subfolder>", ...}, "sigma": 0.0}``."""
+"""Index of an exact-prior image set: ``{"prompts": {"<prompt>": "<subfolder>", ...}, "sigma": 0.0}``; an
+image-conditioned set adds ``"conditions": {"<prompt>": "<subfolder>", ...}`` (each image's condition image
+under the same file name) and ``"condition_sigma"``."""
 
 
 @dataclass
@@ -32,11 +34,17 @@ class ExactPriorConfig:
     sigma: float | None = None
     """Std of the Gaussian around each image (pixel units in [0, 1]); 0 memorises the set exactly.
     None: the value in exact_prior.json (else 0)."""
+    condition_sigma: float | None = None
+    """Image-conditioned sets (an exact InstructPix2Pix): std τ of a condition image around each pair's
+    "before" image (pixel units); small: the pair whose "before" is nearest the view's original image wins.
+    None: the value in exact_prior.json (else 0.1)."""
+    image_guidance_scale: float = 1.0
+    """Image-conditioned sets: image CFG scale s_I (1: the exact conditional, no image guidance)."""
     device: str | None = None
     """Device of the image set; None: the NeRF's device."""
 
-    def folders(self) -> dict[str, Path]:
-        """prompt -> its image folder, from exact_prior.json; one line if the set is missing or empty."""
+    def _index(self) -> dict:
+        """The parsed exact_prior.json; one line if the set is missing or not an index."""
         if self.folder is None:
             raise PriorLoadError(
                 "the exact prior needs an image set: pass --pipeline.prior.exact.folder DIR (a folder with "
@@ -49,34 +57,56 @@ class ExactPriorConfig:
                 "nerfstudio_distill.data.prior_sets (it holds exact_prior.json)"
             )
         try:
-            prompts = json.loads(index_file.read_text())["prompts"]
-            folders = {str(prompt): Path(self.folder) / sub for prompt, sub in prompts.items()}
+            index = json.loads(index_file.read_text())
+            for key in ("prompts", "conditions") if "conditions" in index else ("prompts",):
+                index[key] = {str(prompt): Path(self.folder) / sub for prompt, sub in index[key].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise PriorLoadError(
                 f"{index_file} is not an exact-prior index ({type(e).__name__}): it must hold "
                 '{"prompts": {"<prompt>": "<subfolder>"}}; rewrite it with nerfstudio_distill.data.prior_sets'
             ) from None
+        return index
+
+    def folders(self) -> dict[str, Path]:
+        """prompt -> its image folder, from exact_prior.json; one line if the set is missing or empty."""
+        folders = self._index()["prompts"]
         for prompt, folder in folders.items():
             if not any(folder.glob("*.png")):
                 raise PriorLoadError(
                     f"the exact prior's folder {folder} for {prompt!r} holds no *.png: fill it, or remove the "
-                    f"prompt from {index_file}"
+                    f"prompt from {Path(self.folder) / EXACT_PRIOR_FILE}"
                 )
         return folders
 
-    def sigma_value(self) -> float:
-        """--pipeline.prior.exact.sigma, else the index's "sigma" (else 0); one line if it is not >= 0."""
-        index_file = Path(self.folder) / EXACT_PRIOR_FILE
-        where = "--pipeline.prior.exact.sigma"
-        sigma = self.sigma
-        if sigma is None:
-            where = f'"sigma" in {index_file}'
-            sigma = json.loads(index_file.read_text()).get("sigma", 0.0)
-        if not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma >= 0):
-            raise PriorLoadError(
-                f"{where} is {sigma}: pass a finite standard deviation >= 0 (0 memorises the set)"
-            )
-        return float(sigma)
+    def condition_folders(self) -> dict[str, Path] | None:
+        """prompt -> the folder of its condition images, for an image-conditioned set; None otherwise."""
+        return self._index().get("conditions") if self.folder is not None else None
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether the set is image-conditioned (False when there is no readable set yet: check() says why)."""
+        try:
+            return self.condition_folders() is not None
+        except PriorLoadError:
+            return False
+
+    def sigma_value(self, name: str = "sigma") -> float:
+        """--pipeline.prior.exact.sigma (``name``: or condition-sigma), else the index's value (else 0, and
+        0.1 for condition_sigma); one line if it is not a valid standard deviation."""
+        from nerfstudio_distill.priors.exact import EXACT_CONDITION_SIGMA
+
+        default, least = (
+            (0.0, ">= 0 (0 memorises the set)") if name == "sigma" else (EXACT_CONDITION_SIGMA, "> 0")
+        )
+        where = f"--pipeline.prior.exact.{name.replace('_', '-')}"
+        value = getattr(self, name)
+        if value is None:
+            where = f'"{name}" in {Path(self.folder) / EXACT_PRIOR_FILE}'
+            value = self._index().get(name, default)
+        valid = isinstance(value, (int, float)) and math.isfinite(value)
+        if not (valid and (value >= 0 if name == "sigma" else value > 0)):
+            raise PriorLoadError(f"{where} is {value}: pass a finite standard deviation {least}")
+        return float(value)
 
     def image_size(self) -> tuple[int, int]:
         """Height and width of the set's images (read from the first file's header)."""
@@ -89,7 +119,14 @@ class ExactPriorConfig:
     def setup(self, device: str | None = None) -> Prior:
         from nerfstudio_distill.priors.exact import ExactPrior
 
-        prior = ExactPrior.from_folders(self.folders(), sigma=self.sigma_value())
+        conditions = self.condition_folders()
+        extra = {}
+        if conditions is not None:
+            extra = dict(
+                condition_sigma=self.sigma_value("condition_sigma"),
+                image_guidance_scale=self.image_guidance_scale,
+            )
+        prior = ExactPrior.from_folders(self.folders(), conditions, sigma=self.sigma_value(), **extra)
         return prior.to(self.device or device or "cpu")
 
 
@@ -101,7 +138,8 @@ class PriorConfig:
     """stable-diffusion: a diffusers SD checkpoint (hub id or local folder). instruct-pix2pix: an
     InstructPix2Pix checkpoint, conditioned on the source view's image with the target prompt as the
     instruction (three-branch CFG: text and image scales). exact: the closed-form optimal denoiser of a
-    labelled image set, for offline demos and scored CPU runs."""
+    labelled image set, for offline demos and scored CPU runs (a set with condition images is an exact
+    InstructPix2Pix: its prompts are instructions, conditioned on the source view's image)."""
     stable_diffusion: StableDiffusionPriorConfig = field(default_factory=StableDiffusionPriorConfig)
     """Options of the Stable Diffusion prior (used when kind is stable-diffusion)."""
     instruct_pix2pix: InstructPix2PixPriorConfig = field(default_factory=InstructPix2PixPriorConfig)
@@ -117,6 +155,8 @@ class PriorConfig:
         if self.kind == "exact":
             self.exact.folders()
             self.exact.sigma_value()
+            if self.exact.takes_image:
+                self.exact.sigma_value("condition_sigma")
 
     def setup(self, device: str | None = None) -> Prior:
         """Build the prior; ``device`` is the NeRF's, used when the prior's own device is unset."""
@@ -141,9 +181,9 @@ class PriorConfig:
 
     @property
     def takes_image(self) -> bool:
-        """Whether the prior is conditioned on the source view's image (instruct-pix2pix), known without
-        loading it."""
-        return self.kind == "instruct-pix2pix"
+        """Whether the prior is conditioned on the source view's image (instruct-pix2pix, or an exact prior
+        whose set has condition images), known without loading it."""
+        return self.kind == "instruct-pix2pix" or (self.kind == "exact" and self.exact.takes_image)
 
     @property
     def native_resolution(self) -> bool:

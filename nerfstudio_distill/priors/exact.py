@@ -6,6 +6,13 @@ process ``x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε`` (Ho et al. 2020, Eq. 4) every
 ``x_t | i ~ N(√ᾱ_t μ_i, v_t I)`` with ``v_t = ᾱ_t σ² + 1 − ᾱ_t``, so the MMSE noise prediction has a closed
 form. With ``σ = 0`` it is the memorising denoiser of a finite training set (Karras et al. 2022, App. B.3).
 It needs no weights, runs anywhere, and is the ground truth that guidance code is tested against.
+
+Image condition (an exact InstructPix2Pix): when every component also carries a condition image ``c_i``
+(the "before" of an edit pair whose "after" is ``μ_i``), the data is the mixture over pairs
+``p(x_0, c | y) = (1/|K_y|) Σ_{i ∈ K_y} N(x_0; μ_i, σ² I) N(c; c_i, τ² I)``. Conditioning on a view's image
+``c`` multiplies each component's weight by ``N(c; c_i, τ² I)``, so the denoiser favours the pairs whose
+"before" looks like ``c``; a branch that drops the image uses the plain mixture. With the condition equal to
+a set member and a small τ it is that member's pair alone.
 """
 
 from __future__ import annotations
@@ -20,11 +27,15 @@ from torch import Tensor
 
 from nerfstudio_distill.errors import PriorInputError, PriorLoadError
 
-from .base import Prior, scaled_linear_betas
+from .base import CFG, Condition, Prior, scaled_linear_betas
 
 EXACT_GUIDANCE_SCALE = 1.0
 """The exact prior's default CFG scale: its conditional score is exact, so CFG > 1 only extrapolates past
 its images (on the edit benchmark, 7.5 wrecked the shape on one seed of three; see the README)."""
+
+EXACT_CONDITION_SIGMA = 0.1
+"""Default τ of an image-conditioned exact prior (pixel units in [0, 1]): a condition image whose pixels
+are 0.1 off a set member's on average already weighs e^(−1/2) per pixel, i.e. the nearest pair wins."""
 
 
 class ExactPrior(Prior):
@@ -37,6 +48,11 @@ class ExactPrior(Prior):
         guidance_scale: default classifier-free guidance scale.
         betas: training β schedule (default: Stable Diffusion's scaled-linear, 1000 steps).
         steps_offset: offset of DDIM grids (SD: 1).
+        conditions: condition images c_i, one per component, shaped like ``points`` (the "before" of each
+            edit pair); None: no image condition.
+        condition_sigma: τ, the standard deviation of a condition image around its c_i (pixel units).
+        image_guidance_scale: default image CFG scale s_I of an image-conditioned prior (1: the exact
+            conditional, no image guidance).
         dtype: dtype of the distance computation. float64 by default: at small t the logits are
             differences of large numbers divided by 2·v_t ≈ 2e-3, which float32 resolves poorly. Use
             ``torch.float32`` on devices without float64 (MPS).
@@ -53,6 +69,9 @@ class ExactPrior(Prior):
         guidance_scale: float = EXACT_GUIDANCE_SCALE,
         betas: Float[Tensor, " T"] | None = None,
         steps_offset: int = 1,
+        conditions: Float[Tensor, " K *shape"] | None = None,
+        condition_sigma: float = EXACT_CONDITION_SIGMA,
+        image_guidance_scale: float = 1.0,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__(scaled_linear_betas() if betas is None else betas, guidance_scale, steps_offset)
@@ -75,22 +94,64 @@ class ExactPrior(Prior):
             raise PriorInputError(f"sigma must be >= 0, got {sigma}: pass the components' standard deviation")
         self.register_buffer("points", points, persistent=False)
         self.register_buffer("_sq_norms", points.flatten(1).pow(2).sum(1), persistent=False)
+        if conditions is not None:
+            conditions = torch.as_tensor(conditions).detach().to(dtype)
+            if conditions.shape != points.shape:
+                raise PriorInputError(
+                    f"conditions have shape {tuple(conditions.shape)} but the points {tuple(points.shape)}: "
+                    "pass one condition image per component, the size of the components"
+                )
+            if not condition_sigma > 0:
+                raise PriorInputError(
+                    f"condition_sigma must be > 0, got {condition_sigma}: pass the condition images' "
+                    f"standard deviation (default {EXACT_CONDITION_SIGMA})"
+                )
+            self.register_buffer("conditions", conditions, persistent=False)
+            self.register_buffer("_cond_sq_norms", conditions.flatten(1).pow(2).sum(1), persistent=False)
+        self.takes_image = conditions is not None
+        self.condition_sigma = float(condition_sigma)
+        self.image_guidance_scale = float(image_guidance_scale)
         self.labels = labels
         self.prompts = list(dict.fromkeys(labels))
         """Distinct prompts, in first-appearance order."""
         self.sigma = float(sigma)
 
     @classmethod
-    def from_folders(cls, folders: Mapping[str, str | Path], **kwargs) -> ExactPrior:
+    def from_folders(
+        cls,
+        folders: Mapping[str, str | Path],
+        condition_folders: Mapping[str, str | Path] | None = None,
+        **kwargs,
+    ) -> ExactPrior:
         """Build from image folders: ``{"a red ball": "dir1", "a blue ball": "dir2"}``.
 
         Every ``*.png`` directly inside each folder (sorted by name) becomes one component labelled with
         its prompt. Images load as float in [0, 1], ``3 x H x W`` (alpha dropped, grey expanded to RGB),
-        and must all share one size. ``kwargs`` go to the constructor (``sigma``, ``guidance_scale``, ...).
+        and must all share one size. ``condition_folders`` (same prompts) make an image-conditioned prior:
+        each component's condition image is the PNG of the same name in its prompt's condition folder.
+        ``kwargs`` go to the constructor (``sigma``, ``guidance_scale``, ``condition_sigma``, ...).
         """
         from nerfstudio_distill.data.images import read_rgb
 
-        images, labels, first = [], [], None
+        def load(file: Path) -> Tensor:
+            try:
+                return torch.from_numpy(read_rgb(file)).permute(2, 0, 1)
+            except FileNotFoundError:
+                raise PriorLoadError(
+                    f"{file} not found: every image of an image-conditioned set needs its condition image "
+                    "of the same name"
+                ) from None
+            except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
+                raise PriorLoadError(
+                    f"{file} cannot be read ({type(e).__name__}: {e}): replace or delete it"
+                ) from None
+
+        if condition_folders is not None and set(condition_folders) != set(folders):
+            raise PriorInputError(
+                f"condition folders for {sorted(condition_folders)} but images for {sorted(folders)}: give "
+                "every prompt a condition folder"
+            )
+        images, conditions, labels, first = [], [], [], None
         for prompt, folder in folders.items():
             folder = Path(folder)
             files = sorted(folder.glob("*.png")) if folder.is_dir() else []
@@ -99,12 +160,15 @@ class ExactPrior(Prior):
                     f"no *.png files in {str(folder)!r} for prompt {prompt!r}: check the folder path"
                 )
             for file in files:
-                try:
-                    image = torch.from_numpy(read_rgb(file)).permute(2, 0, 1)
-                except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
-                    raise PriorLoadError(
-                        f"{file} cannot be read ({type(e).__name__}: {e}): replace or delete it"
-                    ) from None
+                image = load(file)
+                if condition_folders is not None:
+                    condition = load(Path(condition_folders[prompt]) / file.name)
+                    if condition.shape != image.shape:
+                        raise PriorInputError(
+                            f"the condition image of {file} is {condition.shape[1]}x{condition.shape[2]} but "
+                            f"the image {image.shape[1]}x{image.shape[2]}: write both at one size"
+                        )
+                    conditions.append(condition)
                 if first is None:
                     first = (file, image.shape)
                 elif image.shape != first[1]:
@@ -114,6 +178,8 @@ class ExactPrior(Prior):
                     )
                 images.append(image)
                 labels.append(prompt)
+        if conditions:
+            kwargs["conditions"] = torch.stack(conditions)
         return cls(torch.stack(images), labels, **kwargs)
 
     # ------------------------------------------------------------------- images
@@ -147,6 +213,20 @@ class ExactPrior(Prior):
         """Identity; images are clamped to [0, 1]."""
         return latents.clamp(0, 1) if self.is_image else latents
 
+    def encode_condition(self, images: Float[Tensor, " B *shape"]) -> Float[Tensor, " B *shape"]:
+        """The image condition (:attr:`Condition.image`) of an image-conditioned prior: the images
+        themselves, validated as :meth:`encode` does (the pairs live in pixel space)."""
+        if not self.takes_image:
+            return super().encode_condition(images)
+        return self.encode(images)
+
+    def cfg(self, scale: float) -> CFG:
+        """Text CFG at ``scale``; for an image-conditioned prior InstructPix2Pix's three branches, ``scale``
+        being the text one and :attr:`image_guidance_scale` the image one."""
+        if self.takes_image:
+            return CFG.instruct(text_scale=scale, image_scale=self.image_guidance_scale)
+        return CFG.text(scale)
+
     # ------------------------------------------------------------------ prompts
     def _embed(self, prompt: str) -> Bool[Tensor, " K"]:
         """Boolean mask of the components labelled ``prompt`` (all of them for ``""``)."""
@@ -161,9 +241,15 @@ class ExactPrior(Prior):
 
     # ------------------------------------------------------------------ network
     def _mixture(
-        self, x_t: Float[Tensor, " N *shape"], t: Int[Tensor, " N"], masks: Bool[Tensor, "N K"]
+        self,
+        x_t: Float[Tensor, " N *shape"],
+        t: Int[Tensor, " N"],
+        masks: Bool[Tensor, "N K"],
+        images: Sequence[Tensor | None] | None = None,
     ) -> tuple[Float[Tensor, "N D"], Float[Tensor, "N D"], Float[Tensor, "N 1"], Float[Tensor, "N 1"]]:
-        """Flattened x_t, the responsibility-weighted mean m = Σ_i w_i μ_i, ᾱ_t and v_t (all in ``dtype``)."""
+        """Flattened x_t, the responsibility-weighted mean m = Σ_i w_i μ_i, ᾱ_t and v_t (all in ``dtype``).
+
+        ``images``: per row, a condition image (or None where the row's branch drops it)."""
         mu = self.points.flatten(1)  # K x D
         x = x_t.to(self.device, mu.dtype).flatten(1)  # N x D
         a = self.alphas_cumprod.to(mu.dtype)[t.to(self.device)][:, None]  # N x 1
@@ -172,26 +258,59 @@ class ExactPrior(Prior):
         # −‖x − √ᾱ μ_i‖²/(2v) = (2√ᾱ x·μ_i − ᾱ‖μ_i‖²)/(2v) − ‖x‖²/(2v); the last term is constant per row and
         # cancels in the softmax (= log-sum-exp normalisation), so it is never formed.
         logits = (2 * a.sqrt() * (x @ mu.T) - a * self._sq_norms) / (2 * v)  # N x K, one matmul
+        if images is not None and any(image is not None for image in images):
+            logits = logits + self._condition_logits(images, mu.dtype)
         w = torch.softmax(logits.masked_fill(~masks.to(self.device), -math.inf), dim=1)
         return x, w @ mu, a, v
 
+    def _condition_logits(self, images: Sequence[Tensor | None], dtype: torch.dtype) -> Float[Tensor, "N K"]:
+        """log N(c; c_i, τ² I) per row and component, up to a per-row constant (the same expansion as the
+        x_t term: −‖c − c_i‖²/(2τ²) = (2 c·c_i − ‖c_i‖²)/(2τ²) − ‖c‖²/(2τ²)); 0 on rows without an image."""
+        if not self.takes_image:
+            raise PriorInputError(
+                "this exact prior takes no image condition: write its set with conditions= "
+                "(write_exact_prior_set), or drop image= from the Condition"
+            )
+        shape = tuple(self.conditions.shape[1:])
+        bad = [tuple(i.shape) for i in images if i is not None and tuple(i.shape) != shape]
+        if bad:
+            raise PriorInputError(
+                f"the image condition has shape {bad[0]} but the prior's condition images are {shape}: encode "
+                "the conditioning image at the render's size with prior.encode_condition(images)"
+            )
+        keep = torch.tensor([i is not None for i in images], device=self.device)
+        c = torch.stack([self.conditions[0] * 0 if i is None else i.to(self.device, dtype) for i in images])
+        cond = self.conditions.flatten(1)
+        logits = (2 * (c.flatten(1) @ cond.T) - self._cond_sq_norms) / (2 * self.condition_sigma**2)
+        return logits * keep[:, None]
+
     def _eps(
-        self, x_t: Float[Tensor, " N *shape"], t: Int[Tensor, " N"], conds: Sequence[Tensor]
+        self,
+        x_t: Float[Tensor, " N *shape"],
+        t: Int[Tensor, " N"],
+        conds: Sequence[Tensor],
+        images: Sequence[Tensor | None] | None = None,
     ) -> Float[Tensor, " N *shape"]:
-        x, m, a, v = self._mixture(x_t, t, torch.stack(list(conds)))
+        x, m, a, v = self._mixture(x_t, t, torch.stack(list(conds)), images)
         # ε̂ = E[ε | x_t] = (x_t − √ᾱ_t E[x_0 | x_t]) / √(1−ᾱ_t)  (Ho et al. 2020, Eq. 4, in expectation);
         # with E[x_0 | x_t] from `posterior_mean` this simplifies to √(1−ᾱ_t) (x_t − √ᾱ_t Σ_i w_i μ_i) / v_t.
         eps = (1 - a).sqrt() * (x - a.sqrt() * m) / v
         return eps.float().reshape(x_t.shape)
 
     def posterior_mean(
-        self, x_t: Float[Tensor, " B *shape"], t: Int[Tensor, " B"], prompt: str = ""
+        self, x_t: Float[Tensor, " B *shape"], t: Int[Tensor, " B"], prompt: str | Condition = ""
     ) -> Float[Tensor, " B *shape"]:
-        """E[x_0 | x_t, y] (float32, on ``x_t``'s device) for a batch sharing one prompt."""
-        t = self.check_timesteps(t).to(self.device).expand(x_t.shape[0])
-        mask = self.embed([prompt])[0]
+        """E[x_0 | x_t, y] (float32, on ``x_t``'s device) for a batch sharing one prompt (a
+        :class:`Condition` with an image: E[x_0 | x_t, y, c])."""
+        condition = prompt if isinstance(prompt, Condition) else Condition(prompt)
+        batch = x_t.shape[0]
+        t = self.check_timesteps(t).to(self.device).expand(batch)
+        mask = self.embed([condition.prompt])[0]
+        images = None
+        if condition.image is not None:
+            images = self._row_conditions([condition], batch)["images"]
         with torch.no_grad():
-            x, m, a, v = self._mixture(x_t, t, mask[None].expand(x_t.shape[0], -1))
+            x, m, a, v = self._mixture(x_t, t, mask[None].expand(batch, -1), images)
             # Per component, x_0 | x_t, i ~ N(μ_i + σ²√ᾱ_t/v_t (x_t − √ᾱ_t μ_i), ·) (Bishop 2006, Eq. 2.116);
             # averaging with the responsibilities w_i gives m + σ²√ᾱ_t/v_t (x_t − √ᾱ_t m).
             x0 = m + self.sigma**2 * a.sqrt() / v * (x - a.sqrt() * m)
