@@ -73,6 +73,26 @@ def test_edit_moves_the_image_to_the_target(ball, method):
     assert ("psi" in result.readouts) == (method == "pds")
 
 
+@pytest.mark.parametrize("method", ["sds", "dds", "pds"])
+def test_exact_instruct_pix2pix_edit_reaches_the_ideal(ball, tmp_path, method):
+    """An image-conditioned exact prior (edit pairs) at its defaults: the instruction, conditioned on the
+    input image, moves it to its own blue twin; the source branch is the empty instruction on it."""
+    scene, _, ideal_file = ball
+    pairs = write_exact_prior_set(
+        scene,
+        tmp_path / "pairs",
+        {"make it blue": [{"colour": "blue"}], "leave it": [{}]},
+        conditions={"make it blue": [{}], "leave it": [{}]},
+    )
+    prior = exact_prior(pairs)
+    assert prior.takes_image
+    image = prior_input(load_image(scene, VIEW), prior, None)
+    ideal = load_image(ideal_file)[0]
+    result = distill_image(prior, image, GuidanceConfig(method=method), "make it blue", steps=150)
+    before, after = rms(image[0], ideal), rms(result.image, ideal)
+    assert after < 0.35 * before, (method, before, after)
+
+
 def test_pixels_equal_latents_for_the_exact_prior(ball):
     scene, prior_dir, _ = ball
     prior = exact_prior(prior_dir)
