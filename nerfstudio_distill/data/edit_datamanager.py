@@ -3,9 +3,10 @@
 It is nerfstudio's in-process :class:`VanillaDataManager` (so ray batches, ``ns-export``
 pointcloud/poisson/tsdf and the eval loop work as for nerfacto) plus:
 - :meth:`EditDataManager.source_image`: the original image of a view (the source branch of
-  DDS/PDS), kept even after the refinement stage replaces training images;
+  DDS/PDS and InstructPix2Pix's image condition), kept even after the dataset update replaces training
+  images;
 - :meth:`EditDataManager.view_rays`: the rays of a whole view, optionally downscaled or cropped;
-- :meth:`EditDataManager.replace_train_image`: the refinement stage's dataset update.
+- :meth:`EditDataManager.replace_train_image`: the dataset update (refinement stage, ``in2n-edit``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class EditDataManager(VanillaDataManager):
         return rays
 
     def replace_train_image(self, index: int, image: Float[Tensor, "H W 3"]) -> None:
-        """Make ``image`` the photometric target of view ``index`` (refinement stage)."""
+        """Make ``image`` the photometric target of view ``index`` (the dataset update)."""
         batch = self.train_image_dataloader.cached_collated_batch
         target = batch["image"][self._position[index]]
         target[..., :3] = image.to(target)

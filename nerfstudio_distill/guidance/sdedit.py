@@ -1,7 +1,8 @@
 """SDEdit (Meng et al., ICLR 2022): re-noise an image a little, then denoise it under a prompt.
 
-Used by the refinement stage of the edit methods (the iterative dataset update of
-Instruct-NeRF2NeRF, as the PDS paper does after its PDS stage).
+Used by the edit pipeline's dataset update (Instruct-NeRF2NeRF's iterative dataset update): the
+refinement stage of the guidance edits, as the PDS paper does after its PDS stage, and the whole of
+``in2n-edit``.
 """
 
 from __future__ import annotations

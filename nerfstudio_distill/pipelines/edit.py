@@ -1,16 +1,21 @@
-"""Text-driven editing of a trained nerfacto scene: render a view -> prior -> guidance -> field.
+"""Text-driven editing of a trained nerfacto scene: one edit pipeline with two modes (``mode``).
 
-One pipeline serves ``pds-edit``, ``dds-edit`` and ``sds-edit``; only ``guidance.method`` differs.
-Each step renders one training view with gradients, encodes it, asks the guidance function for the
-gradient on the latents, and backpropagates it into the field. The source branch (DDS/PDS) is the
-view's original image, encoded once and cached. With an image-conditioned prior (InstructPix2Pix) every
-branch is also conditioned on the view's original image: the target prompt is the instruction, and the
-source branch of DDS/PDS is the empty instruction with that same image (as DreamCatalyst does).
+``distill`` (``pds-edit``, ``dds-edit``, ``sds-edit``; only ``guidance.method`` differs): each step renders
+one training view with gradients, encodes it, asks the guidance function for the gradient on the latents,
+and backpropagates it into the field. The source branch (DDS/PDS) is the view's original image, encoded
+once and cached. With an image-conditioned prior (InstructPix2Pix) every branch is also conditioned on the
+view's original image: the target prompt is the instruction, and the source branch of DDS/PDS is the empty
+instruction with that same image (as DreamCatalyst does). An optional refinement stage (the last
+``refine_steps`` steps) then runs the dataset update below, as the PDS paper does after PDS; it first
+replaces every training image by a render of the distilled scene.
 
-An optional refinement stage (the last ``refine_steps`` steps) runs the SDEdit-based iterative
-dataset update of Instruct-NeRF2NeRF, as the PDS paper does after PDS: every ``refine_every`` steps
-one training image is replaced by a lightly re-noised and denoised render, and the field trains on
-those images with nerfacto's photometric losses.
+``dataset-update`` (``in2n-edit``): the whole run is the dataset update, Instruct-NeRF2NeRF's method,
+starting from the original photos.
+
+The dataset update (:meth:`EditPipeline._update_step`) is shared by both: every ``refine_every`` steps the
+next training image, in turn, is replaced by an SDEdit of its render (re-noised to ``refine_strength``·T,
+fixed or drawn from a range, then denoised under the target prompt; with InstructPix2Pix conditioned on
+the view's original image), and the field trains on those images with nerfacto's photometric losses.
 
 The prior is built only when training (never by ``ns-export``/``ns-viewer``) and is kept outside
 the module tree, so its weights never enter checkpoints.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +76,8 @@ class EditPipelineConfig(VanillaPipelineConfig):
     unconditional prompt. Unused with instruct-pix2pix, whose source branch is the empty instruction
     conditioned on the view's original image (as DreamCatalyst)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    """Which distillation gradient (pds, dds, sds) and its options."""
+    """Which distillation gradient (pds, dds, sds) and its options. In dataset-update mode only its
+    guidance-scale is used (the SDEdit's CFG)."""
     prior: PriorConfig = field(default_factory=PriorConfig)
     """The diffusion model that judges the renders. instruct-pix2pix conditions every branch on the view's
     original image, with three-branch CFG: --pipeline.guidance.guidance-scale is its text scale and
@@ -90,15 +96,26 @@ class EditPipelineConfig(VanillaPipelineConfig):
     by chunk), so memory stays bounded by this number."""
     guidance_weight: float = 1.0
     """Multiplier of the guidance gradient on the render."""
+    mode: Literal["distill", "dataset-update"] = "distill"
+    """distill: every step distils the prior's guidance (--pipeline.guidance.method) into the field, then
+    the optional refinement stage (--pipeline.refine-steps). dataset-update (ns-train in2n-edit): the whole
+    run is Instruct-NeRF2NeRF's iterative dataset update. The training images start as the original
+    photos; every --pipeline.refine-every steps the next one is replaced by an SDEdit of its render under
+    the target prompt (with instruct-pix2pix conditioned on the view's original image; with a text-only
+    prior, stable-diffusion or exact, a plain SDEdit of the render), and the field trains on them with
+    nerfacto's photometric losses. Of --pipeline.guidance only guidance-scale is used there."""
     refine_steps: int = 0
-    """Run the last refine_steps of --max-num-iterations as the refinement stage (SDEdit dataset update
-    plus nerfacto's photometric losses). 0: no refinement."""
+    """distill mode: run the last refine_steps of --max-num-iterations as the refinement stage (the dataset
+    update, starting from renders of the distilled scene). 0: no refinement."""
     refine_every: int = 10
-    """Refinement: replace one training image every this many steps."""
-    refine_strength: float = 0.3
-    """Refinement: SDEdit re-noising level as a fraction of T (small keeps more of the render)."""
+    """Dataset update: replace one training image, the next in turn, every this many steps (IN2N's edit
+    rate)."""
+    refine_strength: float | tuple[float, float] = 0.3
+    """Dataset update: how far each SDEdit re-noises the render, as a fraction of T (SDEdit's t0; small keeps
+    more of the render). Two numbers (min max): each update draws it uniformly from that range, seeded by
+    --pipeline.seed and the step (IN2N: 0.02 0.98)."""
     refine_denoise_steps: int = 10
-    """Refinement: DDIM steps of each SDEdit denoising (one prior call each)."""
+    """Dataset update: DDIM steps of each SDEdit denoising (one prior call each; IN2N: 20)."""
     seed: int = 0
     """Seed of the view, crop, timestep and noise draws."""
 
@@ -150,7 +167,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             self.prior.embed([config.target_prompt.strip(), config.source_prompt.strip()])
         self._source_latents: dict[tuple[int, bool], Tensor] = {}
         self._num_steps = 1
-        self._refine_started = False
+        self._update_started = False
         self._prompt = config.target_prompt.strip()
         """The target prompt in use (the panel's, once the prior can take it)."""
 
@@ -167,16 +184,20 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
     def _stage_step(self, step: int) -> int:
         return step - max(int(self.edit_start_step), 0)
 
-    def _in_refinement(self, step: int) -> bool:
-        return (
-            self.config.refine_steps > 0
-            and self._stage_step(step) >= self._num_steps - self.config.refine_steps
-        )
+    def _update_start(self) -> int | None:
+        """Stage step at which the dataset update starts: 0 in dataset-update mode, the refinement stage's
+        first step in distill mode, None without refinement."""
+        if self.config.mode == "dataset-update":
+            return 0
+        if self.config.refine_steps > 0:
+            return self._num_steps - self.config.refine_steps
+        return None
 
     # -------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
-        if self._in_refinement(step):
-            return self._refine_step(step)
+        start = self._update_start()
+        if start is not None and self._stage_step(step) >= start:
+            return self._update_step(step, self._stage_step(step) - start)
         rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         index = int(torch.randint(self.datamanager.num_train_views, (1,), generator=rng))
         rays, crop, scale = self._view(index, rng)
@@ -275,38 +296,50 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             self._source_latents[(index, condition)] = latents
         return latents
 
-    # ------------------------------------------------------------ refinement
-    def _refine_step(self, step: int):
-        """Iterative dataset update (SDEdit under the target prompt), then nerfacto's photometric step."""
+    # --------------------------------------------------------- dataset update
+    def _update_step(self, step: int, k: int):
+        """Step ``k`` of the dataset update: every ``refine_every`` steps one training image, in turn, is
+        replaced by :meth:`_edit_view`; then nerfacto's photometric step on the (partly edited) images."""
         views = self.datamanager.num_train_views
-        if not self._refine_started:  # start from the edited scene, not from the source photos
-            for index in range(views):
-                self.datamanager.replace_train_image(index, self._render_view(index))
-            self._refine_started = True
-        k = self._stage_step(step) - (self._num_steps - self.config.refine_steps)
+        if not self._update_started:
+            # The refinement stage starts from the distilled scene, and so does a resumed run (the images
+            # it edited are not in checkpoints); a new dataset-update run starts from the original photos.
+            if self.config.mode == "distill" or k > 0:
+                for index in range(views):
+                    self.datamanager.replace_train_image(index, self._render_view(index))
+            self._update_started = True
         if k % self.config.refine_every == 0:
             index = (k // self.config.refine_every) % views
-            render = self._render_view(index, self.config.render_scale)  # the size the edit gave the prior
-            rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-            with torch.no_grad(), torch.autocast(device_type=render.device.type, enabled=False):
-                latents = self.prior.encode(self._to_prior(render))
-                prompt = live_prompt(
-                    self.prior, self.Distillation.target_prompt.value, self._prompt, lambda p: [p]
-                )
-                edited = sdedit(
-                    self.prior,
-                    latents,
-                    self._conditions(prompt, index, None, self.config.render_scale)[0],
-                    strength=self.config.refine_strength,
-                    num_steps=self.config.refine_denoise_steps,
-                    guidance_scale=self._viewer_guidance().guidance_scale,
-                    generator=rng,
-                )
-                image = self.prior.decode(edited)
-            size = self.datamanager.source_image(index).shape[:2]
-            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-            self.datamanager.replace_train_image(index, image[0].permute(1, 2, 0))
+            self.datamanager.replace_train_image(index, self._edit_view(index, step))
         return super().get_train_loss_dict(step)
+
+    def _edit_view(self, index: int, step: int) -> Float[Tensor, "H W 3"]:
+        """SDEdit of view ``index``'s render under the target prompt (conditioned on the view's original image
+        for an image-conditioned prior), at the size of the view's training image. The strength and noise
+        come from the pipeline seed and ``step``, so a run is reproducible."""
+        scale = self.config.render_scale
+        render = self._render_view(index, scale)  # the size the edit gives the prior
+        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        strength = sdedit_strength(self.config.refine_strength, rng)
+        with torch.no_grad(), torch.autocast(device_type=render.device.type, enabled=False):
+            latents = self.prior.encode(self._to_prior(render))
+            panel = self.Distillation
+            self._prompt = live_prompt(self.prior, panel.target_prompt.value, self._prompt, lambda p: [p])
+            edited = sdedit(
+                self.prior,
+                latents,
+                self._conditions(self._prompt, index, None, scale)[0],
+                strength=strength,
+                num_steps=self.config.refine_denoise_steps,
+                guidance_scale=self._viewer_guidance().guidance_scale,
+                generator=rng,
+            )
+            image = self.prior.decode(edited)
+        panel.prompt_in_use.value = self._prompt
+        panel.t.value = f"{round(strength * (self.prior.num_train_timesteps - 1))} (SDEdit)"
+        size = self.datamanager.source_image(index).shape[:2]
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        return image[0].permute(1, 2, 0)
 
     def _render_view(self, index: int, scale: float = 1.0) -> Float[Tensor, "H W 3"]:
         with torch.no_grad():
@@ -320,6 +353,23 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         return super().load_state_dict(state_dict, strict=True)
 
 
+def strength_range(strength: float | tuple[float, float]) -> tuple[float, float]:
+    """(min, max) of ``refine_strength``; a single strength is both."""
+    if isinstance(strength, (tuple, list)):
+        low, high = strength
+        return float(low), float(high)
+    return float(strength), float(strength)
+
+
+def sdedit_strength(strength: float | tuple[float, float], generator: torch.Generator) -> float:
+    """The SDEdit strength of one dataset update: ``strength``, or for a range (min, max) one draw from
+    U[min, max] (t0 ~ U[min, max]·T, as IN2N draws t between its lower and upper bound)."""
+    low, high = strength_range(strength)
+    if high == low:
+        return low  # nothing drawn: a fixed strength leaves the generator's stream as it was
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
 def check_prompts(config: EditPipelineConfig) -> None:
     """One-line errors (and a warning) for the prompts of an edit."""
     if not config.target_prompt.strip():
@@ -328,6 +378,14 @@ def check_prompts(config: EditPipelineConfig) -> None:
         warn_unused_source_prompt(
             config.prior, config.source_prompt, "--pipeline.", "the view's original image"
         )
+    elif config.mode == "dataset-update":
+        if config.source_prompt.strip():
+            warnings.warn(
+                "--pipeline.source-prompt is unused by the dataset update (an SDEdit of the render under the "
+                "target prompt)",
+                UserWarning,
+                stacklevel=2,
+            )
     elif config.target_prompt.strip() == config.source_prompt.strip():
         warnings.warn(
             "--pipeline.target-prompt equals --pipeline.source-prompt: DDS/PDS will leave the scene "
@@ -340,8 +398,13 @@ def check_prompts(config: EditPipelineConfig) -> None:
 def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
     """One-line errors for an edit's options, its dataset and (exact prior) its prompts and sizes."""
     check_prompts(config)
+    if trainer.prompt is not None:  # ns-train's alias for --pipeline.model.prompt, which nothing reads
+        raise DistillError(
+            f"--prompt {trainer.prompt!r} sets --pipeline.model.prompt, which an edit does not use: pass "
+            "--pipeline.target-prompt instead"
+        )
     config.guidance.check()
-    if not config.guidance.spec.edits:
+    if config.mode == "distill" and not config.guidance.spec.edits:
         edits = method_names(edits=True)
         raise DistillError(
             f"--pipeline.guidance.method {config.guidance.method} is not an edit method: use "
@@ -369,11 +432,19 @@ def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
     for name, value, least, what in minimums:
         if value is not None and value < least:
             raise DistillError(f"{flag}{name.replace('_', '-')} is {value}: pass {what}")
-    if not 0 < config.refine_strength <= 1:
+    low, high = strength_range(config.refine_strength)
+    if not 0 < low <= high <= 1:
+        shown = f"{low:g}" if isinstance(config.refine_strength, (int, float)) else f"{low:g} {high:g}"
         raise DistillError(
-            f"{flag}refine-strength is {config.refine_strength}: pass a fraction of T in (0, 1] (default 0.3)"
+            f"{flag}refine-strength is {shown}: pass a fraction of T in (0, 1] (default 0.3), or a range min "
+            "max of them (in2n-edit: 0.02 0.98)"
         )
-    if config.refine_steps >= trainer.max_num_iterations:
+    if config.mode == "dataset-update" and config.refine_steps:
+        raise DistillError(
+            f"{flag}refine-steps {config.refine_steps} is for {flag}mode distill: in {flag}mode dataset-update "
+            "(in2n-edit) the whole run is the dataset update; drop the flag"
+        )
+    if config.mode == "distill" and config.refine_steps >= trainer.max_num_iterations:
         raise DistillError(
             f"{flag}refine-steps {config.refine_steps} leaves no edit steps in a run of --max-num-iterations "
             f"{trainer.max_num_iterations}: pass fewer refinement steps, or more iterations"
