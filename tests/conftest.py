@@ -125,6 +125,14 @@ def prior_folder(tiny_scene, tmp_path_factory) -> Path:
     return write_exact_prior_set(tiny_scene, out, prompts)
 
 
+@pytest.fixture(scope="session")
+def tiny_ip2p(tmp_path_factory) -> Path:
+    """A tiny random InstructPix2Pix checkpoint (tests/tiny_sd.py), built once for the session."""
+    from tests.tiny_sd import build_tiny_ip2p
+
+    return build_tiny_ip2p(tmp_path_factory.mktemp("tiny_ip2p"))
+
+
 def edit_flags(prior_folder: Path, *extra: str) -> list[str]:
     return [
         "--pipeline.target-prompt", "a blue striped ball",

@@ -20,14 +20,9 @@ from nerfstudio_distill.priors import (
     StableDiffusionPrior,
 )
 from tests.test_priors import assert_one_line, count_calls
-from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_ip2p, build_tiny_sd
+from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
 
 PROMPT = "turn the ball red"
-
-
-@pytest.fixture(scope="module")
-def tiny_ip2p(tmp_path_factory):
-    return build_tiny_ip2p(tmp_path_factory.mktemp("tiny_ip2p"))
 
 
 @pytest.fixture(scope="module")
