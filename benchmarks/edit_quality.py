@@ -1,4 +1,4 @@
-"""End-to-end, scored comparison of ``ns-train pds-edit``, ``dds-edit`` and ``sds-edit`` on CPU.
+"""End-to-end, scored comparison of ``ns-train pds-edit``, ``dds-edit``, ``sds-edit`` and ``in2n-edit`` on CPU.
 
 The run, built entirely from the generator and nerfstudio's real CLIs:
 
@@ -10,9 +10,17 @@ The run, built entirely from the generator and nerfstudio's real CLIs:
    3 yellow stripes; "a blue ball" = the same seven in blue. The ideal edit (the generator's render of
    the source with only ``colour="blue"``) is one member of the target set; the six other blue balls
    make a loss of identity cost PSNR.
+   The exact InstructPix2Pix (``write_exact_prior_set(..., conditions=...)``) holds edit pairs: under the
+   instruction ("make the ball blue") each of the seven red objects seen from each camera ("before", the
+   image condition) with its blue version ("after"); under "leave it as it is" the same "before" with
+   itself. Conditioned on a training view's original image it knows that view's ideal edit (the pair
+   whose "before" it is), as a real InstructPix2Pix would propose an edit of the view.
 3. ``ns-train nerfacto`` on the source images (a small field), then ``ns-train pds-edit``,
    ``dds-edit`` and ``sds-edit --load-dir <base>`` with the same steps, CFG, t range, lr and seed;
-   each method keeps its published weighting (SDS 1−ᾱ_t, DDS uniform, PDS ψ/χ).
+   each method keeps its published weighting (SDS 1−ᾱ_t, DDS uniform, PDS ψ/χ). Two more rows run on
+   the exact InstructPix2Pix: ``pds-ip2p`` (``pds-edit``, the source branch the empty instruction on the
+   view's image) and ``in2n`` (``in2n-edit``: Instruct-NeRF2NeRF's iterative dataset update), both at
+   their defaults (CFG: the prior's own, 1 and image scale 1).
 4. Every run is loaded with ``eval_setup`` and rendered from the dataparser's train *and* eval cameras
    (nerfstudio-data holds out about every 10th frame); ground truth is rendered by the generator from
    the same frames (dataparser image filename -> frame of ``transforms.json``).
@@ -90,7 +98,28 @@ from nerfstudio_distill.data.scene import (
 )
 from nerfstudio_distill.guidance.config import GuidanceConfig
 
-METHODS = ("pds", "dds", "sds")
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the benchmark: an edit method and the prior it runs with."""
+
+    method: str
+    """The ``ns-train`` method."""
+    instruct: bool = False
+    """Runs with the exact InstructPix2Pix (``--pipeline.prior.kind exact`` on the image-conditioned set):
+    the target prompt is the scene's instruction, and every step is conditioned on the view's original
+    image."""
+
+
+ROWS = {
+    "pds": Row("pds-edit"),
+    "dds": Row("dds-edit"),
+    "sds": Row("sds-edit"),
+    "pds-ip2p": Row("pds-edit", instruct=True),
+    "in2n": Row("in2n-edit", instruct=True),
+}
+"""The benchmark's rows (``--methods``), by name, in table order."""
+METHODS = tuple(ROWS)
 PER_IMAGE_KEYS = ("psnr_to_ideal", "target_accuracy", "colour_progress")
 """Scores also reported from per-image renders (``--appearance per-image``, suffix ``_per_image``)."""
 OBJECT_DIAMETER = 2.0
@@ -107,6 +136,8 @@ class BenchScene:
     """The edit: ``with_attributes(source, **change)`` is the ideal edit (only the body colour changes)."""
     prompts: tuple[str, str]
     """(source prompt, target prompt)."""
+    instruction: str
+    """The edit as an instruction (the exact InstructPix2Pix's target prompt)."""
     patterns: tuple[dict[str, Any], ...]
     """The objects of each prompt's set, as changes to ``source`` (the first must be ``{}``, the source's
     own pattern); the target set adds ``change`` to each."""
@@ -123,6 +154,7 @@ SCENES = {
         SceneSpec(colour="red", pattern="stripes", stripes=3, secondary="white", background="black", shading="albedo"),
         {"colour": "blue"},
         ("a red ball", "a blue ball"),
+        "make the ball blue",
         tuple(PATTERN_VARIANTS),
     ),
     # Not tuned on: another shape, pattern and edit, with its own seven patterns.
@@ -130,11 +162,16 @@ SCENES = {
         SceneSpec(shape="box", colour="green", pattern="checker", checks=2, secondary="yellow", background="black", shading="albedo"),
         {"colour": "purple"},
         ("a green box", "a purple box"),
+        "make the box purple",
         ({}, {"checks": 3}, {"checks": 4}, {"pattern": "stripes", "stripes": 2}, {"pattern": "stripes", "stripes": 4},
          {"pattern": "none"}, {"secondary": "white"}),
     ),
 }  # fmt: skip
 """Benchmark scenes by name (``--scene``)."""
+KEEP = "leave it as it is"
+"""The exact InstructPix2Pix's second instruction, whose pairs are identity edits: with it, the empty
+instruction on a view (the source branch of DDS/PDS) means "this view, edited or not", as a real
+InstructPix2Pix trained on both kinds of pair would."""
 
 
 @dataclass
@@ -203,8 +240,10 @@ NO_EVAL += ["--steps-per-eval-all-images", "1000000"]
 
 
 # ------------------------------------------------------------------------------------- data
-def make_data(s: Settings, work: Path) -> tuple[Path, Path]:
-    """Write the scene and the exact prior's two labelled sets; returns their folders."""
+def make_data(s: Settings, work: Path) -> tuple[Path, Path, Path]:
+    """Write the scene, the exact prior's two labelled sets and the exact InstructPix2Pix's pairs (for each
+    pattern, its source-coloured object "before" and, under the instruction, the edited one "after"; under
+    :data:`KEEP`, the object unchanged); returns their folders."""
     camera = CameraSpec(
         num_views=s.views, width=s.resolution, height=s.resolution, radius=s.radius, fov=s.fov
     )
@@ -215,7 +254,16 @@ def make_data(s: Settings, work: Path) -> tuple[Path, Path]:
         bench.prompts[1]: [{**p, **bench.change} for p in bench.patterns],
     }
     prior = write_exact_prior_set(scene, work / "prior", prompts, sigma=s.sigma, overwrite=True)
-    return scene, prior
+    before = list(bench.patterns)
+    instruct = write_exact_prior_set(
+        scene,
+        work / "prior_instruct",
+        {bench.instruction: prompts[bench.prompts[1]], KEEP: before},
+        sigma=s.sigma,
+        overwrite=True,
+        conditions={bench.instruction: before, KEEP: before},
+    )
+    return scene, prior, instruct
 
 
 def _load_png(path: Path) -> Float[np.ndarray, " D"]:
@@ -266,10 +314,13 @@ def offline_env(work: Path, threads: int = 1) -> dict[str, str]:
     return env
 
 
-def ns_train(method: str, args: list[str], work: Path, threads: int = 1, log: Any = print) -> float:
-    """Run ``ns-train <method> <args>`` from this venv; returns its wall time; raises with the log tail."""
+def ns_train(
+    method: str, args: list[str], work: Path, threads: int = 1, log: Any = print, name: str | None = None
+) -> float:
+    """Run ``ns-train <method> <args>`` from this venv, logging to ``work/logs/<name or method>.log``;
+    returns its wall time; raises with the log tail."""
     cmd = [str(Path(sys.executable).parent / "ns-train"), method, *args]
-    log_file = work / "logs" / f"{method}.log"
+    log_file = work / "logs" / f"{name or method}.log"
     log_file.parent.mkdir(exist_ok=True)
     start = time.perf_counter()
     with log_file.open("w") as out:
@@ -279,7 +330,7 @@ def ns_train(method: str, args: list[str], work: Path, threads: int = 1, log: An
     if proc.returncode != 0:
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"ns-train {method} failed ({proc.returncode}); log {log_file}:\n{tail}")
-    log(f"ns-train {method}: {seconds:.0f} s")
+    log(f"ns-train {method} ({name or method}): {seconds:.0f} s")
     return seconds
 
 
@@ -292,12 +343,20 @@ def common_flags(s: Settings, scene: Path, work: Path, steps: int, timestamp: st
     ]  # fmt: skip
 
 
-def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
-    """The flags every edit shares (only the method differs)."""
+def edit_flags(s: Settings, prior: Path, base_models: Path, row: Row = ROWS["pds"]) -> list[str]:
+    """The flags of one row's edit (shared by all rows but for the prompts and the ray batch of in2n-edit);
+    for a row with ``instruct``, ``prior`` is the exact InstructPix2Pix, the target prompt the instruction,
+    and there is no source prompt."""
+    method, instruct = row.method, row.instruct
+    bench = SCENES[s.scene]
+    prompts = (
+        ["--pipeline.target-prompt", bench.instruction]
+        if instruct
+        else ["--pipeline.target-prompt", bench.prompts[1], "--pipeline.source-prompt", bench.prompts[0]]
+    )
     flags = [
         "--load-dir", str(base_models),
-        "--pipeline.target-prompt", SCENES[s.scene].prompts[1],
-        "--pipeline.source-prompt", SCENES[s.scene].prompts[0],
+        *prompts,
         "--pipeline.prior.kind", "exact",
         "--pipeline.prior.exact.folder", str(prior),
         "--pipeline.prior-resolution", "None",
@@ -309,6 +368,10 @@ def edit_flags(s: Settings, prior: Path, base_models: Path) -> list[str]:
         "--pipeline.seed", str(s.seed),
         "--steps-per-save", "1000000",  # the trainer still saves the last step
     ]  # fmt: skip
+    if method == "in2n-edit":
+        # one view's rays per photometric step, what a guidance edit renders per step, so every row costs
+        # about the same per step (in2n-edit's default, IN2N's 16384 rays, is 7x that at 48 px)
+        flags += ["--pipeline.datamanager.train-num-rays-per-batch", str(s.resolution**2)]
     if s.cfg is not None:
         flags += ["--pipeline.guidance.guidance-scale", str(s.cfg)]
     if s.lr is not None:
@@ -475,7 +538,7 @@ def run(
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        scene, prior = make_data(s, work)
+        scene, prior, instruct = make_data(s, work)
         bench = SCENES[s.scene]
         check = identity_check(scene, prior, bench.prompts[1])
         log(
@@ -499,16 +562,17 @@ def run(
             )  # fmt: skip
             marker.write_text(json.dumps({"settings": base_key, "seconds": base_seconds}))
         seconds = {}
-        for method in s.methods:
-            shutil.rmtree(run_dir(work, f"{method}-edit", method), ignore_errors=True)  # a reused workdir
-            flags = common_flags(s, scene, work, s.steps, method) + edit_flags(
-                s, prior, base_run / "nerfstudio_models"
+        for name in s.methods:
+            row = ROWS[name]
+            shutil.rmtree(run_dir(work, row.method, name), ignore_errors=True)  # a reused workdir
+            flags = common_flags(s, scene, work, s.steps, name) + edit_flags(
+                s, instruct if row.instruct else prior, base_run / "nerfstudio_models", row
             )
-            seconds[method] = ns_train(f"{method}-edit", flags, work, s.threads, log)
+            seconds[name] = ns_train(row.method, flags, work, s.threads, log, name)
 
         with _offline_here(work, s.threads):
             base = render_run(base_run)
-            edits = {m: render_run(run_dir(work, f"{m}-edit", m)) for m in s.methods}
+            edits = {m: render_run(run_dir(work, ROWS[m].method, m)) for m in s.methods}
         truth = ground_truth(scene, base["frames"], bench.change)
         result: dict[str, Any] = {}
         for method, edited in edits.items():
@@ -516,7 +580,7 @@ def run(
             result[method] = {**score(edited, truth, base, bench), "seconds": seconds[method]}
         if s.appearance == "per-image":  # what the guidance saw: each train view with its own embedding
             with _offline_here(work, s.threads):
-                seen = {m: render_run(run_dir(work, f"{m}-edit", m), per_image=True) for m in s.methods}
+                seen = {m: render_run(run_dir(work, ROWS[m].method, m), per_image=True) for m in s.methods}
             for method, edited in seen.items():
                 scores = score(edited, truth, base, bench)
                 result[method] |= {f"{key}_per_image": scores[key] for key in PER_IMAGE_KEYS}

@@ -290,3 +290,39 @@ def test_in2n_edit_resume_and_export(tiny_scene, base_run, tiny_ip2p, tmp_path, 
         ),
     )
     assert (export / "point_cloud.ply").stat().st_size > 0
+
+
+def test_exact_instruct_pix2pix_update_writes_the_views_ideal_edit(tiny_scene, tmp_path):
+    """With the exact InstructPix2Pix (edit pairs of the scene's own views) the dataset update is scoreable:
+    re-noised all the way, a view's render comes back as that view's ideal edit, whatever the field
+    renders, because the prior is conditioned on the view's original image."""
+    from nerfstudio_distill.data.prior_sets import write_exact_prior_set
+    from nerfstudio_distill.data.scene import load_scene, render, with_attributes
+    from tests.test_edit import edit_config
+
+    pairs = write_exact_prior_set(
+        tiny_scene,
+        tmp_path / "pairs",
+        {"make it blue": [{"colour": "blue"}], "leave it": [{}]},
+        conditions={"make it blue": [{}], "leave it": [{}]},
+    )
+    config = edit_config(
+        tiny_scene,
+        pairs,
+        target_prompt="make it blue",
+        source_prompt="",
+        mode="dataset-update",
+        refine_strength=1.0,
+    )
+    check_edit(config, DistillTrainerConfig(pipeline=config, max_num_iterations=10))
+    pipe = config.setup(device="cpu", test_mode="val", grad_scaler=None)
+    assert pipe.prior.takes_image
+    pipe.start_edit(0, 10)
+    index = 3
+    edited = pipe._edit_view(index, step=0)
+    spec, cameras = load_scene(tiny_scene)
+    frame = int(Path(pipe.datamanager.train_dataset.image_filenames[index]).stem.split("_")[-1])
+    ideal = torch.from_numpy(
+        render(with_attributes(spec, colour="blue"), cameras[frame : frame + 1])["rgb"][0]
+    )
+    assert (edited - ideal.to(edited)).abs().max() < 2 / 255

@@ -462,7 +462,8 @@ def check_exact_prior(config: EditPipelineConfig, cameras) -> None:
     """The exact prior must know the prompts, and each render must reach it at its images' size."""
     exact = config.prior.exact
     prompts = list(exact.folders())
-    for name in ("target_prompt", "source_prompt"):
+    # an image-conditioned set (an exact InstructPix2Pix) has no use for the source prompt (a warning says so)
+    for name in ("target_prompt",) if exact.takes_image else ("target_prompt", "source_prompt"):
         prompt = getattr(config, name).strip()
         if prompt and prompt not in prompts:
             raise DistillError(
