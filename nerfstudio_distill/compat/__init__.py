@@ -11,11 +11,13 @@ of ``ns-train``, ``ns-export``, ``ns-viewer`` and ``ns-eval`` (through
    becomes unavailable with one warning instead of crashing training.
 3. :mod:`.seeding`: the ray-sampling worker processes of ``ParallelDataManager`` are seeded
    from ``--machine.seed``, so a CPU run with the same seed gives the same field.
+4. :mod:`.gsplat_torch`: without CUDA, splatfacto renders with a pure-torch rasterizer instead of
+   gsplat's CUDA kernels (with CUDA nothing changes).
 
 All are idempotent and cheap (no heavy imports).
 """
 
-from nerfstudio_distill.compat import checkpoints, lpips, seeding
+from nerfstudio_distill.compat import checkpoints, gsplat_torch, lpips, seeding
 
 
 def install() -> None:
@@ -23,6 +25,7 @@ def install() -> None:
     checkpoints.install()
     lpips.install()
     seeding.install()
+    gsplat_torch.install()
 
 
-__all__ = ["install", "checkpoints", "lpips", "seeding"]
+__all__ = ["install", "checkpoints", "gsplat_torch", "lpips", "seeding"]
