@@ -29,6 +29,8 @@ from nerfstudio_distill.compat.gsplat_torch import (
 )
 from tests.conftest import offline_env
 
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, splatfacto uses gsplat's kernels")
+
 W, H = 16, 12
 K = torch.tensor([[20.0, 0.0, 8.0], [0.0, 22.0, 6.0], [0.0, 0.0, 1.0]])
 """A pinhole camera, fx=20 fy=22 cx=8 cy=6, for a 16x12 image."""
@@ -462,10 +464,11 @@ def test_chunking_does_not_change_renders_or_gradients(monkeypatch):
 # --- installation -------------------------------------------------------------------------------------
 
 
+@cpu_only
 def test_without_cuda_install_swaps_splatfacto_s_rasterizer():
     from nerfstudio.models import splatfacto
 
-    assert not torch.cuda.is_available()  # this machine; conftest imported method_configs, which installs
+    # conftest imported method_configs, which installs the compat layer
     assert splatfacto.rasterization is rasterization
     assert not hasattr(splatfacto.get_viewmat, "_torchdynamo_orig_callable")  # plain, not torch.compile'd
     for name in ("get_outputs", "populate_modules"):
@@ -495,6 +498,7 @@ def test_with_cuda_install_leaves_gsplat_and_splatfacto_alone(monkeypatch):
         assert vars(model)[name] is method
 
 
+@cpu_only
 def test_cuda_calls_stay_on_device_only_inside_the_mode():
     x = torch.ones(2)
     with gsplat_torch._CudaCallsStayOnDevice():
@@ -512,7 +516,7 @@ def ply_vertex_count(path: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, splatfacto uses gsplat's kernels")
+@cpu_only
 def test_ns_train_splatfacto_on_cpu_learns_densifies_and_exports(tiny_scene, tmp_path, monkeypatch, capsys):
     """A real `ns-train splatfacto` (in this process) on the tiny scene, then `ns-export gaussian-splat`."""
     from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
@@ -564,6 +568,7 @@ def test_ns_train_splatfacto_on_cpu_learns_densifies_and_exports(tiny_scene, tmp
     assert ply_vertex_count(tmp_path / "export" / "splat.ply") == int(kept.sum()) > 100
 
 
+@cpu_only
 def test_splatfacto_from_a_point_cloud_renders_on_cpu(tmp_path, monkeypatch):
     """populate_modules (seed colours: ``.cuda()``) and get_outputs (intrinsics: ``.cuda()``) run on CPU."""
     from nerfstudio.cameras.cameras import Cameras
