@@ -5,6 +5,9 @@ A guidance step renders whole images with autograd. When an image has more rays 
 is done in two passes: render without autograd, get the gradient on the image from the guidance, then
 re-render chunk by chunk with autograd and push each chunk's slice of that gradient
 (:func:`backward_in_chunks`), so memory stays bounded by the chunk size.
+
+On several GPUs (``--machine.num-devices N``) each rank does this for its own view(s), then the gradients
+are averaged over the ranks before the optimizer step (:mod:`nerfstudio_distill.pipelines.distributed`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.models.base_model import Model
+from nerfstudio.viewer.viewer_elements import ViewerParameter
 from torch import Tensor
 
 from nerfstudio_distill.errors import DistillError, PriorInputError
 from nerfstudio_distill.guidance.config import Guidance, GuidanceConfig
+from nerfstudio_distill.pipelines import distributed
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import PriorConfig
 
@@ -147,15 +152,62 @@ def live_prompt(prior: Prior, typed: str, current: str, prompts_of: Callable[[st
 class TrainingPrior:
     """Pipeline mixin: the diffusion prior, built only when training (``ns-train``; never by ``ns-export``
     or ``ns-viewer``) and kept outside the module tree, so its weights never enter checkpoints; the
-    guidance training step both pipelines share (:meth:`guidance_step`); and the skipping of a step whose
-    render, gradient or loss is not finite (:meth:`skip_step`)."""
+    guidance training step both pipelines share (:meth:`guidance_step`); the skipping of a step whose
+    render, gradient or loss is not finite (:meth:`skip_step`); and, on several GPUs, the explicit
+    averaging of gradients over the ranks (:meth:`_setup_ranks`)."""
 
     skip_reason: str | None = None
     """Why the last step was skipped (None: it was not); DistillTrainer counts skipped steps."""
+    world_size: int = 1
+    """Processes training together (``--machine.num-devices``); above 1 see :meth:`_setup_ranks`."""
+    rank: int = 0
+    """This process's global rank: it seeds the step's draws (:meth:`step_generator`)."""
     guidance: Guidance
     """The guidance method and the settings in use (a module: its parameters, if any, train and are saved)."""
     _refused_viewer_values: str | None = None
     """The error of the last viewer values refused (warned about once)."""
+
+    def _setup_ranks(self, world_size: int) -> None:
+        """Call once the pipeline's modules are built. Several processes (nerfstudio passes ``world_size``,
+        which our pipelines keep from VanillaPipeline so it builds no DDP wrapper): every rank takes rank 0's
+        parameters and buffers, draws its own views and noise (:meth:`step_generator`), and averages its
+        gradients with the others' in every step (:meth:`_backward_and_average`); see
+        :mod:`nerfstudio_distill.pipelines.distributed`."""
+        self.world_size = world_size
+        self.rank = distributed.rank() if world_size > 1 else 0
+        if world_size > 1:
+            distributed.broadcast_module(self)
+
+    def step_generator(self, step: int, rank: int | None = None) -> torch.Generator:
+        """The generator of step ``step``'s draws on ``rank`` (default: this process's), from
+        ``--pipeline.seed``."""
+        return distributed.step_generator(self.config.seed, step, self.rank if rank is None else rank)
+
+    def _sync_viewer_inputs(self, panel: torch.nn.Module) -> None:
+        """Several processes: the values of ``panel``'s inputs become rank 0's, the only rank with a viewer."""
+        if self.world_size <= 1:
+            return
+        inputs = [e for e in vars(panel).values() if isinstance(e, ViewerParameter) and not e.disabled]
+        values = distributed.broadcast_objects([e.value for e in inputs])
+        for element, value in zip(inputs, values, strict=True):
+            if element.value != value:
+                element.value = value
+
+    def _backward_and_average(
+        self, losses: dict[str, Tensor], reason: str | None, backward: bool
+    ) -> tuple[dict[str, Tensor], str | None]:
+        """Several processes: backpropagate the sum of ``losses`` here (``backward``; the trainer would do it
+        after we return, too late to average), then average every trainable parameter's gradient over the
+        ranks. Returns the losses for the trainer to log (detached leaves: its own backward then does
+        nothing) and the reason to skip the step: ``reason``, or another rank's (all ranks skip together)."""
+        if backward and reason is None:
+            total = functools.reduce(torch.add, losses.values())  # as the trainer sums them
+            with torch.autocast(device_type=total.device.type, enabled=False):
+                (self.grad_scaler.scale(total) if self.grad_scaler is not None else total).backward()
+        params = [p for p in self.parameters() if p.requires_grad]
+        if distributed.average_gradients(params, skip=reason is not None) and reason is None:
+            reason = "another rank's render, guidance gradient or loss has NaN/Inf"
+        return {name: value.detach().requires_grad_() for name, value in losses.items()}, reason
 
     def _setup_guidance(self, config: GuidanceConfig, prior: PriorConfig) -> None:
         """Build :attr:`guidance` (after :meth:`_setup_prior`); it gets the prior only when training. A CFG
@@ -221,7 +273,8 @@ class TrainingPrior:
         the step on a NaN/Inf render, gradient or loss, then backpropagate ``guidance_weight`` x the guidance
         loss plus ``regularizers``: in one pass with autograd, or in two (render, then chunk by chunk, see
         :func:`backward_in_chunks`) when the render has more rays than ``chunk_size``. ``prior_resolution``,
-        ``chunk_size`` and ``guidance_weight`` are the pipeline config's."""
+        ``chunk_size`` and ``guidance_weight`` are the pipeline config's. On several processes the backward
+        is done here and the gradients averaged over the ranks (:meth:`_backward_and_average`)."""
         chunk_size, prior_resolution = self.config.chunk_size, self.config.prior_resolution
         single_pass = math.prod(rays.shape) <= chunk_size
         outputs = render_in_chunks(self.model, rays, chunk_size, with_grad=single_pass)
@@ -231,23 +284,30 @@ class TrainingPrior:
         with torch.autocast(device_type=image.device.type, enabled=False):
             latents = self.prior.encode(to_prior(image.float(), prior_resolution, self.prior.size_multiple))
             loss, grad, metrics = guide(latents, outputs)
-        if not torch.isfinite(image).all():
-            return self.skip_step(step, "the render has NaN/Inf (the field has diverged)", outputs, metrics)
-        if not torch.isfinite(grad).all():
-            return self.skip_step(step, "the guidance gradient has NaN/Inf", outputs, metrics)
 
         loss = loss.to(image.device) * self.config.guidance_weight
-        if single_pass:
+        losses: dict[str, Tensor] = {}
+        reason = None
+        if not torch.isfinite(image).all():
+            reason = "the render has NaN/Inf (the field has diverged)"
+        elif not torch.isfinite(grad).all():
+            reason = "the guidance gradient has NaN/Inf"
+        elif single_pass:
             losses = {"guidance": loss, **regularizers(outputs)}
             bad = first_non_finite(losses)
-            if bad is not None:
-                return self.skip_step(step, f"the {bad} is NaN/Inf", outputs, metrics)
-            return outputs, losses, metrics
-        (grad_image,) = torch.autograd.grad(loss, image)
-        backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, self.grad_scaler, output)
-        if not grads_finite(self.model):
+            reason = None if bad is None else f"the {bad} is NaN/Inf"
+        else:
+            (grad_image,) = torch.autograd.grad(loss, image)
+            scaler = self.grad_scaler
+            backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, scaler, output)
+            losses = {"guidance": torch.zeros((), device=image.device, requires_grad=True)}
+        if self.world_size > 1:
+            losses, reason = self._backward_and_average(losses, reason, backward=single_pass)
+        if reason is not None:
+            return self.skip_step(step, reason, outputs, metrics)
+        if (self.world_size > 1 or not single_pass) and not grads_finite(self.model):
             return self.skip_step(step, "the field's gradients have NaN/Inf", outputs, metrics)
-        return outputs, {"guidance": torch.zeros((), device=image.device, requires_grad=True)}, metrics
+        return outputs, losses, metrics
 
     def _setup_prior(self, config: PriorConfig, device: str, training: bool) -> None:
         self.__dict__["_prior"] = config.setup(device=str(device)) if training else None

@@ -19,12 +19,17 @@ the view's original image), and the field trains on those images with nerfacto's
 
 The prior is built only when training (never by ``ns-export``/``ns-viewer``) and is kept outside
 the module tree, so its weights never enter checkpoints.
+
+On N GPUs (``--machine.num-devices N``) each rank distils its own view per step and the gradients are
+averaged (:mod:`nerfstudio_distill.pipelines.distributed`); the dataset update edits N views per update,
+one per rank, and every rank receives all of them.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,9 +49,11 @@ from nerfstudio_distill.guidance.config import GuidanceConfig, method_names
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 from nerfstudio_distill.models.regularizers import nerfacto_regularizers
+from nerfstudio_distill.pipelines import distributed
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
     check_model_numbers,
+    first_non_finite,
     live_prompt,
     prior_size,
     render_in_chunks,
@@ -117,7 +124,8 @@ class EditPipelineConfig(VanillaPipelineConfig):
     refine_denoise_steps: int = 10
     """Dataset update: DDIM steps of each SDEdit denoising (one prior call each; IN2N: 20)."""
     seed: int = 0
-    """Seed of the view, crop, timestep and noise draws."""
+    """Seed of the view, crop, timestep and noise draws (on N GPUs each rank adds its rank, so ranks draw
+    different views)."""
 
     def check(self, trainer: TrainerConfig) -> None:
         """Called by DistillTrainer before anything is written: see :func:`check_edit`."""
@@ -155,7 +163,8 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         training = test_mode == "val"
         if training:
             check_prompts(config)
-        super().__init__(config, device, test_mode=test_mode, **kwargs)
+        world_size = kwargs.pop("world_size", 1)  # no DDP wrapper: see _setup_ranks
+        super().__init__(config, device, test_mode=test_mode, world_size=1, **kwargs)
         self.grad_scaler = kwargs.get("grad_scaler")
         # The base run learned the camera poses from photos; guidance must not move them.
         self.model.camera_optimizer.requires_grad_(False)
@@ -170,6 +179,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         self._update_started = False
         self._prompt = config.target_prompt.strip()
         """The target prompt in use (the panel's, once the prior can take it)."""
+        self._setup_ranks(world_size)
 
     # --------------------------------------------------------------- schedule
     def start_edit(self, start_step: int, num_steps: int) -> None:
@@ -195,10 +205,11 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
 
     # -------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
+        self._sync_viewer_inputs(self.Distillation)
         start = self._update_start()
         if start is not None and self._stage_step(step) >= start:
             return self._update_step(step, self._stage_step(step) - start)
-        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        rng = self.step_generator(step)
         index = int(torch.randint(self.datamanager.num_train_views, (1,), generator=rng))
         rays, crop, scale = self._view(index, rng)
         panel = self.Distillation
@@ -298,20 +309,43 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
 
     # --------------------------------------------------------- dataset update
     def _update_step(self, step: int, k: int):
-        """Step ``k`` of the dataset update: every ``refine_every`` steps one training image, in turn, is
-        replaced by :meth:`_edit_view`; then nerfacto's photometric step on the (partly edited) images."""
+        """Step ``k`` of the dataset update: every ``refine_every`` steps the next training image in turn (on
+        N GPUs the next N, one per rank) is replaced by :meth:`_edit_view`; then nerfacto's photometric step
+        on the (partly edited) images."""
         views = self.datamanager.num_train_views
         if not self._update_started:
             # The refinement stage starts from the distilled scene, and so does a resumed run (the images
             # it edited are not in checkpoints); a new dataset-update run starts from the original photos.
             if self.config.mode == "distill" or k > 0:
-                for index in range(views):
-                    self.datamanager.replace_train_image(index, self._render_view(index))
+                self._replace_views(list(range(views)), self._render_view)
             self._update_started = True
         if k % self.config.refine_every == 0:
-            index = (k // self.config.refine_every) % views
-            self.datamanager.replace_train_image(index, self._edit_view(index, step))
-        return super().get_train_loss_dict(step)
+            first = (k // self.config.refine_every) * self.world_size
+            indices = [(first + r) % views for r in range(self.world_size)]
+            self._replace_views(indices, lambda index: self._edit_view(index, step))
+        outputs, losses, metrics = super().get_train_loss_dict(step)
+        if self.world_size > 1:  # nerfstudio's photometric step, its gradients averaged too
+            bad = first_non_finite(losses)
+            reason = None if bad is None else f"the {bad} is NaN/Inf"
+            losses, reason = self._backward_and_average(losses, reason, backward=True)
+            if reason is not None:
+                return self.skip_step(step, reason, outputs, metrics)
+        return outputs, losses, metrics
+
+    def _replace_views(self, indices: list[int], make: Callable[[int], Tensor]) -> None:
+        """Make ``make(index)`` the training image of each view of ``indices``. On N processes they are made
+        N at a time, one by each rank, and sent to every rank, so all ranks train on the same images."""
+        for start in range(0, len(indices), self.world_size):
+            batch = indices[start : start + self.world_size]
+            images = [
+                make(index).to(self.device, torch.float32)
+                if owner == self.rank
+                else torch.empty((*self.datamanager.source_image(index).shape[:2], 3), device=self.device)
+                for owner, index in enumerate(batch)
+            ]
+            distributed.broadcast_tensors(images, owners=list(range(len(batch))))
+            for index, image in zip(batch, images, strict=True):
+                self.datamanager.replace_train_image(index, image)
 
     def _edit_view(self, index: int, step: int) -> Float[Tensor, "H W 3"]:
         """SDEdit of view ``index``'s render under the target prompt (conditioned on the view's original image
@@ -319,7 +353,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         come from the pipeline seed and ``step``, so a run is reproducible."""
         scale = self.config.render_scale
         render = self._render_view(index, scale)  # the size the edit gives the prior
-        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        rng = self.step_generator(step)
         strength = sdedit_strength(self.config.refine_strength, rng)
         with torch.no_grad(), torch.autocast(device_type=render.device.type, enabled=False):
             latents = self.prior.encode(self._to_prior(render))
@@ -349,6 +383,8 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
     def load_state_dict(self, state_dict, strict: bool | None = None):
         """Strict model loading: a base that does not match the data or model settings is an error."""
         model_state = {k[len("_model.") :]: v for k, v in state_dict.items() if k.startswith("_model.")}
+        if model_state and all(k.startswith("module.") for k in model_state):  # a base trained with DDP
+            model_state = {k[len("module.") :]: v for k, v in model_state.items()}
         check_state_matches(self.model.state_dict(), model_state)
         return super().load_state_dict(state_dict, strict=True)
 

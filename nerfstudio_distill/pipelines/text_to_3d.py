@@ -10,7 +10,9 @@ that share a prompt share one guidance call. Large renders go through the two-pa
 
 As in the edit pipeline, the prior is built only when training (never by ``ns-export``/``ns-viewer``)
 and kept outside the module tree, so its weights never enter checkpoints; a NaN/Inf guidance gradient
-skips the step with a warning; configuration errors are one line (``error: ...`` via DistillTrainer).
+skips the step with a warning; configuration errors are one line (``error: ...`` via DistillTrainer). On N
+GPUs each rank draws and renders its own ``num_views`` cameras and the gradients are averaged
+(:mod:`nerfstudio_distill.pipelines.distributed`).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class TextTo3DPipelineConfig(VanillaPipelineConfig):
     guidance_weight: float = 1.0
     """Multiplier of the guidance gradient on the renders."""
     seed: int = 0
-    """Seed of the camera, shading, timestep and noise draws."""
+    """Seed of the camera, shading, timestep and noise draws (on N GPUs each rank adds its rank, so ranks
+    draw different cameras)."""
 
     def check(self, trainer: Any) -> None:
         """Called by DistillTrainer before anything is written."""
@@ -137,7 +140,8 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         training = test_mode == "val"
         if training:
             check_text_to_3d(config)
-        super().__init__(config, device, test_mode=test_mode, **kwargs)
+        world_size = kwargs.pop("world_size", 1)  # no DDP wrapper: see _setup_ranks
+        super().__init__(config, device, test_mode=test_mode, world_size=1, **kwargs)
         self.grad_scaler = kwargs.get("grad_scaler")
         self._setup_prior(config.prior, device, training)
         self._setup_guidance(config.guidance, config.prior)
@@ -148,6 +152,7 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
         self._num_steps: int | None = None
         self._prompt = config.prompt.strip()
         """The base prompt in use (the panel's, once the prior can take it)."""
+        self._setup_ranks(world_size)
 
     def start_edit(self, start_step: int, num_steps: int) -> None:
         """Called by DistillTrainer once the checkpoint is loaded: the run's length, for t annealing."""
@@ -178,7 +183,8 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
 
     # --------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
-        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        self._sync_viewer_inputs(self.Distillation)
+        rng = self.step_generator(step)
         views = self.datamanager.sample_views(step, rng)
         rays = views.rays()
         b, h, w = rays.shape
