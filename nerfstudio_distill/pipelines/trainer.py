@@ -19,6 +19,12 @@ While training:
 - Ctrl-C (SIGINT) or SIGTERM saves a checkpoint after the current step and exits non-zero with one line
   that says how to resume.
 - CPU runs use torch's deterministic kernels, so the same seed gives the same result.
+
+On N GPUs (``--machine.num-devices N``, nerfstudio's launcher: N processes): each process uses its own GPU
+(``torch.cuda.set_device``), only rank 0 writes ``config.yml`` (and, as in nerfstudio, checkpoints and the
+viewer), and after every step the ranks agree on a stop signal, so a Ctrl-C or SIGTERM that reaches them
+at different steps still stops all after the same step. The pipelines average the gradients
+(:mod:`nerfstudio_distill.pipelines.distributed`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ from typing import Any
 import torch
 import yaml
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import comms
 
 from nerfstudio_distill.compat.seeding import deterministic as use_deterministic_kernels
 from nerfstudio_distill.errors import DistillError, exit_message, one_line
+from nerfstudio_distill.pipelines import distributed
 
 BASE_METHODS = ("nerfacto",)
 """Methods whose checkpoints an edit can start from (besides the edit methods themselves)."""
@@ -234,8 +242,27 @@ def check_output_folder(config: TrainerConfig) -> None:
     )
 
 
+def check_machine(config: TrainerConfig) -> None:
+    """``--machine.num-devices N`` (N > 1) runs nerfstudio's launcher, which needs N visible GPUs."""
+    devices = config.machine.num_devices
+    if devices <= 1:
+        return
+    available = torch.cuda.device_count()
+    if available == 0:
+        raise DistillError(
+            f"--machine.num-devices {devices} starts one process per GPU, and no GPU is visible: pass "
+            "--machine.num-devices 1"
+        )
+    if devices > available:
+        raise DistillError(
+            f"--machine.num-devices {devices}: only {available} GPU(s) are visible: pass --machine.num-devices "
+            f"{available} or fewer"
+        )
+
+
 def check_run(config: DistillTrainerConfig) -> LoadPlan | None:
     """Every check that can run before anything is built or written; returns the load plan."""
+    check_machine(config)
     if config.max_bad_steps < 1:
         raise DistillError(f"--max-bad-steps {config.max_bad_steps}: pass 1 or more")
     if config.max_num_iterations < 1:
@@ -265,6 +292,8 @@ class DistillTrainer(Trainer):
             raise SystemExit(exit_message(err)) from None
         if config.deterministic or (config.deterministic is None and config.machine.device_type == "cpu"):
             use_deterministic_kernels()
+        if world_size > 1 and config.machine.device_type == "cuda":
+            torch.cuda.set_device(local_rank)  # nerfstudio leaves every rank on cuda:0 (NCCL, tcnn)
         super().__init__(config, local_rank, world_size)
         self._bad_steps: list[tuple[int, str]] = []
         self._signal: int | None = None
@@ -303,7 +332,8 @@ class DistillTrainer(Trainer):
                     f"a larger --max-num-iterations (the run's total, now {planned})"
                 )
             print(f"Resuming at step {self._start_step}: {left} of the {planned} planned steps are left")
-        TrainerConfig.save_config(self.config)  # only now: see DistillTrainerConfig.save_config
+        if comms.is_main_process():
+            TrainerConfig.save_config(self.config)  # only now: see DistillTrainerConfig.save_config
         self.config.max_num_iterations = left  # the loop's length; the schedule and config.yml keep `planned`
 
     def _load_checkpoint(self) -> None:
@@ -349,6 +379,8 @@ class DistillTrainer(Trainer):
         if len(self._bad_steps) >= self.config.max_bad_steps:
             first, why = self._bad_steps[0]
             self._stop(f"{len(self._bad_steps)} steps in a row were skipped from step {first} on ({why})")
+        if self.world_size > 1:  # a signal on any rank stops every rank after this step
+            self._signal = distributed.max_over_ranks(self._signal or 0) or None
         if self._signal is not None:
             self.save_checkpoint(step)
             name = signal.Signals(self._signal).name
