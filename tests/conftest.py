@@ -48,6 +48,35 @@ def run_cli(
     )
 
 
+def run_clis_together(
+    commands: list[list[str]], env: dict[str, str], cwd: Path, timeout: float = 900
+) -> list[subprocess.CompletedProcess]:
+    """Run console scripts of this venv side by side (their interpreter starts overlap on the cores);
+    returns the finished processes (text output) in the order given."""
+    procs = [
+        subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    done = []
+    try:
+        for proc, args in zip(procs, commands, strict=True):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 # Flags that make nerfacto-based training cheap enough for CPU tests.
 CPU_NERFACTO = [
     "--machine.device-type",
@@ -89,6 +118,13 @@ def ns_train(
         "--max-num-iterations", str(steps), "--output-dir", str(out), "--timestamp", timestamp,
         "--pipeline.datamanager.train-num-rays-per-batch", "256", "--data", str(scene), *flags,
     ]  # fmt: skip
+
+
+FEW_SAMPLES = ["--pipeline.model.num-proposal-samples-per-ray", "16", "8"]
+FEW_SAMPLES += ["--pipeline.model.num-nerf-samples-per-ray", "8"]
+"""Fewer samples per ray than nerfacto's defaults (no parameter changes, so a base still loads and an edit
+still matches it): a whole-view render, and so an edit step or an export, is an order of magnitude cheaper
+on CPU."""
 
 
 def ns_export(exporter: str, run: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -142,3 +178,62 @@ def edit_flags(prior_folder: Path, *extra: str) -> list[str]:
         "--pipeline.prior-resolution", "None",
         *extra,
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------ the real CLIs, in this process
+def run_here(cli, args: list[str]) -> None:
+    """A console command run to completion in this process (no interpreter start, ~10 s less each):
+    ``cli`` gets the argument list. nerfstudio's global writers, torch's deterministic mode and the
+    SIGINT/SIGTERM handlers (which ns-train replaces) are restored afterwards, also when it fails."""
+    import signal
+
+    import torch
+    from nerfstudio.utils import writer
+
+    writers = list(writer.EVENT_WRITERS)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cli(args)
+    finally:
+        writer.EVENT_WRITERS[:] = writers
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def ns_train_main(args: list[str]) -> None:
+    """``ns-train``'s own parsing (tyro over every registered method) and ``main``."""
+    import tyro
+    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
+    from nerfstudio.scripts.train import main
+
+    assert args[0] == "ns-train"
+    main(tyro.cli(AnnotatedBaseConfigUnion, args=args[1:]))
+
+
+def ns_export_main(args: list[str]) -> None:
+    """``ns-export``'s own parsing (tyro over its exporters) and the exporter's ``main``."""
+    import tyro
+    from nerfstudio.scripts.exporter import Commands
+
+    assert args[0] == "ns-export"
+    tyro.cli(Commands, args=args[1:]).main()
+
+
+def ns_train_here(args: list[str]) -> str | int | None:
+    """An ``ns-train`` that must stop (see :func:`run_here`); returns its exit code or message, what the
+    process would print as its last stderr line (e.g. ``error: ...``) and exit with."""
+    with pytest.raises(SystemExit) as stop:
+        run_here(ns_train_main, args)
+    return stop.value.code
+
+
+def assert_error_line(code, *needles: str) -> str:
+    """``code`` is one ``error: ...`` line holding every needle."""
+    assert isinstance(code, str), code
+    assert code.startswith("error: ") and "\n" not in code, code
+    for needle in needles:
+        assert needle in code, code
+    return code

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import tyro
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
 from method_configs.in2n_edit import in2n_edit
@@ -20,7 +19,7 @@ from nerfstudio_distill.pipelines import edit
 from nerfstudio_distill.pipelines.edit import check_edit, check_prompts, sdedit_strength
 from nerfstudio_distill.pipelines.trainer import DistillTrainerConfig
 from nerfstudio_distill.priors import Condition, InstructPix2PixPriorConfig
-from tests.conftest import ns_export, ns_train
+from tests.conftest import ns_export, ns_export_main, ns_train, ns_train_main, run_here
 from tests.test_edit import edit_config, one_line, tiny_model
 from tests.tiny_sd import IMAGE_SIZE
 
@@ -195,36 +194,6 @@ def test_the_prompt_alias_is_an_error_not_ignored(tiny_scene):
 
 
 # ----------------------------------------------------------------------------------- the real CLIs
-def run_here(cli, args: list[str]) -> None:
-    """A console command run to completion in this process (no interpreter start): ``cli`` gets the parsed
-    config; nerfstudio's global writers and torch's deterministic mode are restored afterwards."""
-    from nerfstudio.utils import writer
-
-    writers = list(writer.EVENT_WRITERS)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        cli(args)
-    finally:
-        writer.EVENT_WRITERS[:] = writers
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
-def ns_train_main(args: list[str]) -> None:
-    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
-    from nerfstudio.scripts.train import main
-
-    assert args[0] == "ns-train"
-    main(tyro.cli(AnnotatedBaseConfigUnion, args=args[1:]))
-
-
-def ns_export_main(args: list[str]) -> None:
-    from nerfstudio.scripts.exporter import Commands
-
-    assert args[0] == "ns-export"
-    tyro.cli(Commands, args=args[1:]).main()
-
-
 @pytest.mark.slow
 def test_in2n_edit_resume_and_export(tiny_scene, base_run, tiny_ip2p, tmp_path, monkeypatch):
     """ns-train in2n-edit from a nerfacto run, resumed, then ns-export pointcloud. The prior is conditioned on

@@ -14,31 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import tyro
 from PIL import Image
 
 from nerfstudio_distill.guidance.config import GuidanceConfig
-from tests.conftest import BIN, edit_flags, ns_train, offline_env, run_cli
-
-
-def ns_train_here(args: list[str]) -> str | int | None:
-    """nerfstudio's own `ns-train` (tyro parsing, then `main`) in this process; returns the exit code or
-    message. For errors caught before training, this is the real CLI path without a process start."""
-    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
-    from nerfstudio.scripts.train import main
-
-    assert args[0] == "ns-train"
-    with pytest.raises(SystemExit) as stop:
-        main(tyro.cli(AnnotatedBaseConfigUnion, args=args[1:]))
-    return stop.value.code
-
-
-def assert_error_line(code, *needles: str) -> str:
-    assert isinstance(code, str), code
-    assert code.startswith("error: ") and "\n" not in code, code
-    for needle in needles:
-        assert needle in code, code
-    return code
+from tests.conftest import (
+    BIN,
+    FEW_SAMPLES,
+    assert_error_line,
+    edit_flags,
+    ns_train,
+    ns_train_here,
+    ns_train_main,
+    offline_env,
+    run_clis_together,
+    run_here,
+)
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -261,12 +251,8 @@ def test_ray_sampling_workers_are_seeded_from_the_main_process():
     assert worker_seed(42, 0) == worker_seed(42, 0) != worker_seed(42, 1) != worker_seed(43, 1)
 
 
-# --------------------------------------------------------------------------- runs (subprocess)
-FEW_SAMPLES = ["--pipeline.model.num-proposal-samples-per-ray", "16", "8"]
-FEW_SAMPLES += ["--pipeline.model.num-nerf-samples-per-ray", "8"]
-"""Fewer samples per ray (no parameter changes, so the base still loads): a faster edit step."""
-
-
+# ------------------------------------------------------- runs (in this process, or a subprocess where
+# the process itself is checked: a signal, or two fresh interpreters giving the same run)
 def edit_run(out: Path, scene: Path, name: str) -> Path:
     return out / scene.name / name
 
@@ -278,15 +264,16 @@ def checkpoint_state(models: Path) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_base_folder_without_config_starts_fresh_optimizers(tiny_scene, base_run, prior_folder, tmp_path):
+def test_base_folder_without_config_starts_fresh_optimizers(
+    tiny_scene, base_run, prior_folder, tmp_path, capsys
+):
     """#1: a bare checkpoint folder is a base: fresh optimizers, the learning rate asked for."""
     bare = tmp_path / "bare"
     shutil.copytree(base_run, bare)
     out = tmp_path / "out"
     flags = edit_flags(prior_folder, "--load-dir", str(bare), "--optimizers.fields.optimizer.lr", "0.002")
-    proc = run_cli(ns_train("pds-edit", out, tiny_scene, *flags), offline_env(tmp_path), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "optimizers and schedulers start fresh" in proc.stdout
+    run_here(ns_train_main, ns_train("pds-edit", out, tiny_scene, *flags, *FEW_SAMPLES))
+    assert "optimizers and schedulers start fresh" in capsys.readouterr().out
     _, state = checkpoint_state(edit_run(out, tiny_scene, "pds-edit") / "run" / "nerfstudio_models")
     (group,) = state["optimizers"]["fields"]["param_groups"]
     assert group["initial_lr"] == pytest.approx(0.002)  # not the default 3e-3
@@ -303,10 +290,8 @@ def test_diverging_run_stops_nonzero_and_saves_no_nan_field(tiny_scene, base_run
         "--optimizers.proposal-networks.optimizer.lr",
         "1e10",
     ]
-    proc = run_cli(ns_train("pds-edit", out, tiny_scene, *flags, steps=20), offline_env(tmp_path), tmp_path)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert_error_line(last, "training diverged", "--optimizers.fields.optimizer.lr")
+    code = ns_train_here(ns_train("pds-edit", out, tiny_scene, *flags, steps=20))
+    assert_error_line(code, "training diverged", "--optimizers.fields.optimizer.lr")  # exit status 1
     for ckpt in (edit_run(out, tiny_scene, "pds-edit") / "run" / "nerfstudio_models").glob("*.ckpt"):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["pipeline"]
         assert all(
@@ -315,9 +300,12 @@ def test_diverging_run_stops_nonzero_and_saves_no_nan_field(tiny_scene, base_run
 
 
 @pytest.mark.slow
-def test_interrupt_saves_and_resume_finishes_the_planned_run(tiny_scene, base_run, prior_folder, tmp_path):
-    """#7: Ctrl-C saves a checkpoint and exits non-zero with how to resume; the resume ends at the planned
-    last step (not `max_num_iterations` more), and resuming a finished run says how to train longer."""
+def test_interrupt_saves_and_resume_finishes_the_planned_run(
+    tiny_scene, base_run, prior_folder, tmp_path, capsys
+):
+    """#7: Ctrl-C saves a checkpoint and exits non-zero with how to resume (a real process and signal); the
+    resume ends at the planned last step (not `max_num_iterations` more), and resuming a finished run says
+    how to train longer."""
     env, out = offline_env(tmp_path), tmp_path / "out"
     steps, base_step = 30, checkpoint_state(base_run)[0]
     flags = edit_flags(prior_folder, "--load-dir", str(base_run), *FEW_SAMPLES)
@@ -345,46 +333,43 @@ def test_interrupt_saves_and_resume_finishes_the_planned_run(tiny_scene, base_ru
 
     flags = edit_flags(prior_folder, "--load-dir", str(run / "nerfstudio_models"), *FEW_SAMPLES)
     resume = ns_train("pds-edit", out, tiny_scene, *flags, steps=steps)
-    proc = run_cli(resume, env, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{planned_last - stopped} of the {steps} planned steps are left" in proc.stdout
+    run_here(ns_train_main, resume)
+    assert f"{planned_last - stopped} of the {steps} planned steps are left" in capsys.readouterr().out
     assert checkpoint_state(run / "nerfstudio_models")[0] == planned_last
 
-    proc = run_cli(resume, env, tmp_path)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0
-    assert_error_line(last, "already ends the planned", "--max-num-iterations")
+    assert_error_line(ns_train_here(resume), "already ends the planned", "--max-num-iterations")
 
 
 @pytest.mark.slow
 def test_same_seed_same_run(tiny_scene, prior_folder, tmp_path):
     """Reproducibility: two base nerfacto runs (NERFSTUDIO_DISTILL_DETERMINISTIC=1) and two edits of one
-    base, with the same seed, end bitwise equal; another seed does not."""
+    base, with the same seed, end bitwise equal; another seed does not. Each run is its own process (as a
+    user's reruns are: fresh RNGs, hash seeds and data workers); runs that do not depend on each other run
+    side by side."""
     env = offline_env(tmp_path, NERFSTUDIO_DISTILL_DETERMINISTIC="1")
-    runs = {}
-    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
-        out = tmp_path / name
-        proc = run_cli(
-            ns_train("nerfacto", out, tiny_scene, "--machine.seed", str(seed), steps=8), env, tmp_path
-        )
+    seeds = {"a": 0, "b": 0, "c": 1}
+    bases = [
+        ns_train("nerfacto", tmp_path / k, tiny_scene, "--machine.seed", str(v), steps=8)
+        for k, v in seeds.items()
+    ]
+    for proc in run_clis_together(bases, env, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = out / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models"
+    runs = {
+        name: tmp_path / name / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models" for name in seeds
+    }
     base = {k: checkpoint_state(v)[1]["pipeline"] for k, v in runs.items()}
     assert all(torch.equal(base["a"][k], base["b"][k]) for k in base["a"])
     assert not all(
         torch.equal(base["a"][k], base["c"][k]) for k in base["a"] if base["a"][k].is_floating_point()
     )
 
-    edits = []
-    for name in ("e1", "e2"):
-        flags = edit_flags(prior_folder, "--load-dir", str(runs["a"]), *FEW_SAMPLES)
-        proc = run_cli(
-            ns_train("pds-edit", tmp_path / name, tiny_scene, *flags, steps=6),
-            offline_env(tmp_path),
-            tmp_path,
-        )
+    flags = edit_flags(prior_folder, "--load-dir", str(runs["a"]), *FEW_SAMPLES)
+    names = ("e1", "e2")
+    commands = [ns_train("pds-edit", tmp_path / name, tiny_scene, *flags, steps=6) for name in names]
+    for proc in run_clis_together(commands, offline_env(tmp_path), tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
-        edits.append(
-            checkpoint_state(tmp_path / name / tiny_scene.name / "pds-edit" / "run" / "nerfstudio_models")[1]
-        )
+    edits = [
+        checkpoint_state(tmp_path / name / tiny_scene.name / "pds-edit" / "run" / "nerfstudio_models")[1]
+        for name in names
+    ]
     assert all(torch.equal(edits[0]["pipeline"][k], edits[1]["pipeline"][k]) for k in edits[0]["pipeline"])
