@@ -25,7 +25,15 @@ from nerfstudio_distill.pipelines.text_to_3d import (
 from nerfstudio_distill.pipelines.trainer import DistillError
 from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
-from tests.conftest import CPU_NERFACTO, ns_export, offline_env, run_cli
+from tests.conftest import (
+    CPU_NERFACTO,
+    assert_error_line,
+    ns_export,
+    ns_export_main,
+    ns_train_here,
+    ns_train_main,
+    run_here,
+)
 
 RED, BLUE = "a red striped ball", "a blue striped ball"
 RES, RADIUS, FOV = 16, 4.0, 40.0
@@ -383,6 +391,8 @@ def test_resolution_stable_diffusion_cannot_take(prior_set):
 
 
 # ----------------------------------------------------------------------- CLI
+# ns-train and ns-export (their own parsing and main) in this process; tests/test_edit_cli.py runs one
+# ns-train as a real process.
 TINY = [
     "--pipeline.model.hidden-dim", "16",
     "--pipeline.model.hidden-dim-color", "16",
@@ -414,10 +424,9 @@ def ns_train(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sds-nerfacto", "sdi-nerfacto"])
-def test_train_resume_and_export(prior_set, tmp_path, method):
-    env, out = offline_env(tmp_path), tmp_path / "out"
-    proc = run_cli(ns_train(method, out, prior_set, "--steps-per-save", "2"), env, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_train_resume_and_export(prior_set, tmp_path, method, capsys):
+    out = tmp_path / "out"
+    run_here(ns_train_main, ns_train(method, out, prior_set, "--steps-per-save", "2"))
     run = out / "unnamed" / method / "run"
     (ckpt,) = (run / "nerfstudio_models").glob("step-*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["pipeline"]
@@ -428,9 +437,9 @@ def test_train_resume_and_export(prior_set, tmp_path, method):
     resume = ns_train(
         method, tmp_path / "resumed", prior_set, "--load-dir", str(run / "nerfstudio_models"), steps=6
     )
-    proc = run_cli(resume, env, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 of the 6 planned steps are left" in proc.stdout
+    capsys.readouterr()
+    run_here(ns_train_main, resume)
+    assert "4 of the 6 planned steps are left" in capsys.readouterr().out
     (last,) = (tmp_path / "resumed").rglob("step-*.ckpt")
     assert last.name == "step-000000005.ckpt"  # continued from step 2, not from 0
     for exporter, extra, produced in [
@@ -443,8 +452,7 @@ def test_train_resume_and_export(prior_set, tmp_path, method):
         ),
     ]:
         target = tmp_path / exporter
-        proc = run_cli(ns_export(exporter, run, target, *extra), env, tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_here(ns_export_main, ns_export(exporter, run, target, *extra))
         assert (target / produced).stat().st_size > 0
 
 
@@ -464,12 +472,7 @@ def test_train_resume_and_export(prior_set, tmp_path, method):
 def test_bad_input_is_one_line_on_the_cli(prior_set, tmp_path, flags, needles):
     out = tmp_path / "out"
     args = ns_train("sds-nerfacto", out, prior_set, *(flags or []), prompt=RED if flags else None)
-    proc = run_cli(args, offline_env(tmp_path), tmp_path)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in last
+    assert_error_line(ns_train_here(args), *needles)
     assert not list(out.rglob("*.ckpt"))
 
 
@@ -488,10 +491,7 @@ def test_sds_nerfacto_needs_no_data():
 def test_load_dir_of_another_method_is_one_line(prior_set, base_run, tmp_path):
     out = tmp_path / "out"
     args = ns_train("sds-nerfacto", out, prior_set, "--load-dir", str(base_run))
-    proc = run_cli(args, offline_env(tmp_path), tmp_path)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "is a nerfacto run" in last and "drop --load-dir" in last, last
+    assert_error_line(ns_train_here(args), "is a nerfacto run", "drop --load-dir")
     assert not out.exists() or not list(out.rglob("*.ckpt"))
 
 
