@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, edit_flags, ns_train, offline_env
+from tests.conftest import BIN, FEW_SAMPLES, edit_flags, ns_train, offline_env
 
 SCREENSHOT = Path(__file__).parents[1] / "docs" / "viewer_panel.png"
 CHROMIUM_FLAGS = (
@@ -108,7 +108,8 @@ def type_into(driver, label: str, text: str) -> None:
 
 @pytest.mark.slow
 def test_distillation_panel_in_chromium(tiny_scene, base_run, prior_folder, tmp_path):
-    flags = edit_flags(prior_folder, "--load-dir", str(base_run))
+    # FEW_SAMPLES: cheap training steps and viewer renders, which share the cores with Chromium
+    flags = edit_flags(prior_folder, "--load-dir", str(base_run), *FEW_SAMPLES)
     command = ns_train("pds-edit", tmp_path / "out", tiny_scene, *flags, steps=100000)
     with viewer_page(command, tmp_path) as (driver, value, proc):
         for control in (
