@@ -131,7 +131,13 @@ def test_cli_writes_result_strip_and_json(ball, tmp_path, monkeypatch, capsys):
     assert report["settings"]["guidance"]["psi_scale"] == 0.5
     assert report["settings"]["prior"] == {
         "kind": "exact",
-        "exact": {"folder": str(prior), "sigma": None, "device": None},
+        "exact": {
+            "folder": str(prior),
+            "sigma": None,
+            "condition_sigma": None,
+            "image_guidance_scale": 1.0,
+            "device": None,
+        },
     }
     assert {"grad_norm", "t", "psi", "chi", "rms_change"} <= set(report["readouts"])
 
