@@ -49,10 +49,10 @@ def run_cli(
 
 
 def run_clis_together(
-    commands: list[list[str]], env: dict[str, str], cwd: Path, timeout: float = 900
+    commands: list[tuple[list[str], dict[str, str]]], cwd: Path, timeout: float = 900
 ) -> list[subprocess.CompletedProcess]:
-    """Run console scripts of this venv side by side (their interpreter starts overlap on the cores);
-    returns the finished processes (text output) in the order given."""
+    """Run console scripts of this venv side by side, each ``(args, env)``: their interpreter starts and
+    imports overlap on the cores. Returns the finished processes (text output) in the order given."""
     procs = [
         subprocess.Popen(
             [str(BIN / args[0]), *args[1:]],
@@ -62,11 +62,11 @@ def run_clis_together(
             stderr=subprocess.PIPE,
             text=True,
         )
-        for args in commands
+        for args, env in commands
     ]
     done = []
     try:
-        for proc, args in zip(procs, commands, strict=True):
+        for proc, (args, _) in zip(procs, commands, strict=True):
             stdout, stderr = proc.communicate(timeout=timeout)
             done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
     finally:

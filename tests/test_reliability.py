@@ -341,35 +341,33 @@ def test_interrupt_saves_and_resume_finishes_the_planned_run(
 
 
 @pytest.mark.slow
-def test_same_seed_same_run(tiny_scene, prior_folder, tmp_path):
+def test_same_seed_same_run(tiny_scene, base_run, prior_folder, tmp_path):
     """Reproducibility: two base nerfacto runs (NERFSTUDIO_DISTILL_DETERMINISTIC=1) and two edits of one
-    base, with the same seed, end bitwise equal; another seed does not. Each run is its own process (as a
-    user's reruns are: fresh RNGs, hash seeds and data workers); runs that do not depend on each other run
-    side by side."""
-    env = offline_env(tmp_path, NERFSTUDIO_DISTILL_DETERMINISTIC="1")
+    base (by default), with the same seed, end bitwise equal; another seed does not. Each run is its own
+    process (as a user's reruns are: fresh RNGs, hash seeds and data workers); all five run side by side."""
+    deterministic = offline_env(tmp_path, NERFSTUDIO_DISTILL_DETERMINISTIC="1")
     seeds = {"a": 0, "b": 0, "c": 1}
-    bases = [
-        ns_train("nerfacto", tmp_path / k, tiny_scene, "--machine.seed", str(v), steps=8)
+    commands = [
+        (ns_train("nerfacto", tmp_path / k, tiny_scene, "--machine.seed", str(v), steps=8), deterministic)
         for k, v in seeds.items()
     ]
-    for proc in run_clis_together(bases, env, tmp_path):
+    flags = edit_flags(prior_folder, "--load-dir", str(base_run), *FEW_SAMPLES)
+    edits = ("e1", "e2")
+    commands += [
+        (ns_train("pds-edit", tmp_path / name, tiny_scene, *flags, steps=6), offline_env(tmp_path))
+        for name in edits
+    ]
+    for proc in run_clis_together(commands, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {
-        name: tmp_path / name / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models" for name in seeds
-    }
-    base = {k: checkpoint_state(v)[1]["pipeline"] for k, v in runs.items()}
+
+    models = {k: tmp_path / k / tiny_scene.name / "nerfacto" / "run" / "nerfstudio_models" for k in seeds}
+    base = {k: checkpoint_state(v)[1]["pipeline"] for k, v in models.items()}
     assert all(torch.equal(base["a"][k], base["b"][k]) for k in base["a"])
     assert not all(
         torch.equal(base["a"][k], base["c"][k]) for k in base["a"] if base["a"][k].is_floating_point()
     )
-
-    flags = edit_flags(prior_folder, "--load-dir", str(runs["a"]), *FEW_SAMPLES)
-    names = ("e1", "e2")
-    commands = [ns_train("pds-edit", tmp_path / name, tiny_scene, *flags, steps=6) for name in names]
-    for proc in run_clis_together(commands, offline_env(tmp_path), tmp_path):
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    edits = [
+    edited = [
         checkpoint_state(tmp_path / name / tiny_scene.name / "pds-edit" / "run" / "nerfstudio_models")[1]
-        for name in names
+        for name in edits
     ]
-    assert all(torch.equal(edits[0]["pipeline"][k], edits[1]["pipeline"][k]) for k in edits[0]["pipeline"])
+    assert all(torch.equal(edited[0]["pipeline"][k], edited[1]["pipeline"][k]) for k in edited[0]["pipeline"])
