@@ -48,22 +48,24 @@ def run_cli(
     )
 
 
+def start_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """Start a console script of this venv (stdout and stderr piped, text) and return the running process."""
+    return subprocess.Popen(
+        [str(BIN / args[0]), *args[1:]],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_clis_together(
     commands: list[tuple[list[str], dict[str, str]]], cwd: Path, timeout: float = 900
 ) -> list[subprocess.CompletedProcess]:
     """Run console scripts of this venv side by side, each ``(args, env)``: their interpreter starts and
     imports overlap on the cores. Returns the finished processes (text output) in the order given."""
-    procs = [
-        subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args, env in commands
-    ]
+    procs = [start_cli(args, env, cwd) for args, env in commands]
     done = []
     try:
         for proc, (args, _) in zip(procs, commands, strict=True):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from PIL import Image
 
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from tests.conftest import (
-    BIN,
     FEW_SAMPLES,
     assert_error_line,
     edit_flags,
@@ -28,6 +26,7 @@ from tests.conftest import (
     offline_env,
     run_clis_together,
     run_here,
+    start_cli,
 )
 
 
@@ -310,14 +309,7 @@ def test_interrupt_saves_and_resume_finishes_the_planned_run(
     steps, base_step = 30, checkpoint_state(base_run)[0]
     flags = edit_flags(prior_folder, "--load-dir", str(base_run), *FEW_SAMPLES)
     args = ns_train("pds-edit", out, tiny_scene, *flags, "--steps-per-save", "1", steps=steps)
-    proc = subprocess.Popen(
-        [str(BIN / args[0]), *args[1:]],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(args, env, tmp_path)
     run = edit_run(out, tiny_scene, "pds-edit") / "run"
     deadline = time.time() + 300
     while not list(run.glob("nerfstudio_models/*.ckpt")) and proc.poll() is None and time.time() < deadline:
