@@ -104,6 +104,17 @@ def tiny_scene(tmp_path_factory) -> Path:
     return folder
 
 
+TINY_FIELD_SETTINGS = dict(
+    implementation="torch",
+    hidden_dim=16,
+    hidden_dim_color=16,
+    num_levels=4,
+    log2_hashmap_size=12,
+    num_nerf_samples_per_ray=16,
+    num_proposal_samples_per_ray=(16, 8),
+)
+"""A tiny nerfacto field with few samples per ray, as model-config fields (tests building configs in Python)."""
+
 TINY_FIELD = [
     "--pipeline.model.hidden-dim", "16",
     "--pipeline.model.hidden-dim-color", "16",

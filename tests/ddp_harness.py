@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import TINY_FIELD_SETTINGS
+
 
 def spawn(worker: Callable[..., None], world_size: int, folder: Path, *args: Any) -> None:
     """Run ``worker(rank, world_size, folder, *args)`` in ``world_size`` processes joined in a gloo group
@@ -112,16 +114,7 @@ def tiny_edit(
     config.steps_per_save = config.steps_per_eval_batch = config.steps_per_eval_image = 10**6
     config.data = scene
     config.pipeline.datamanager.data = scene
-    config.pipeline.model = dataclasses.replace(
-        config.pipeline.model,
-        implementation="torch",
-        hidden_dim=16,
-        hidden_dim_color=16,
-        num_levels=4,
-        log2_hashmap_size=12,
-        num_nerf_samples_per_ray=16,
-        num_proposal_samples_per_ray=(16, 8),
-    )
+    config.pipeline.model = dataclasses.replace(config.pipeline.model, **TINY_FIELD_SETTINGS)
     config.pipeline = dataclasses.replace(
         config.pipeline,
         target_prompt="a blue striped ball",
@@ -152,16 +145,7 @@ def tiny_text_to_3d(sd_folder: Path, out: Path, *, steps: int, timestamp: str, s
     config.steps_per_save = config.steps_per_eval_batch = config.steps_per_eval_image = 10**6
     config.steps_per_eval_all_images = 10**6
     config.pipeline.datamanager = dataclasses.replace(config.pipeline.datamanager, resolutions=(16,))
-    config.pipeline.model = dataclasses.replace(
-        config.pipeline.model,
-        implementation="torch",
-        hidden_dim=16,
-        hidden_dim_color=16,
-        num_levels=4,
-        log2_hashmap_size=12,
-        num_nerf_samples_per_ray=16,
-        num_proposal_samples_per_ray=(16, 8),
-    )
+    config.pipeline.model = dataclasses.replace(config.pipeline.model, **TINY_FIELD_SETTINGS)
     sd = StableDiffusionPriorConfig(model=str(sd_folder), device="cpu", dtype="fp32", local_files_only=True)
     config.pipeline = dataclasses.replace(
         config.pipeline, prompt="a ball", prior=PriorConfig(stable_diffusion=sd), prior_resolution=32

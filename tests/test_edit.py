@@ -19,6 +19,7 @@ from nerfstudio_distill.guidance.config import Guidance, GuidanceConfig
 from nerfstudio_distill.pipelines.edit import EditPipelineConfig, check_prompts, check_state_matches
 from nerfstudio_distill.pipelines.trainer import DistillError, DistillTrainerConfig, check_load_dir
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
+from tests.conftest import TINY_FIELD_SETTINGS
 
 SOURCE, TARGET = "a red striped ball", "a blue striped ball"
 
@@ -40,13 +41,7 @@ def tiny_model():
     from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
 
     return EditNerfactoModelConfig(
-        implementation="torch",
-        hidden_dim=16,
-        hidden_dim_color=16,
-        num_levels=4,
-        log2_hashmap_size=12,
-        num_nerf_samples_per_ray=16,
-        num_proposal_samples_per_ray=(16, 8),
+        **TINY_FIELD_SETTINGS,
         eval_num_rays_per_chunk=4096,
     )
 

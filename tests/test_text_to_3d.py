@@ -27,6 +27,7 @@ from nerfstudio_distill.priors.base import Prior
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
 from tests.conftest import (
     CPU_NERFACTO,
+    TINY_FIELD_SETTINGS,
     assert_error_line,
     ns_export,
     ns_export_main,
@@ -57,13 +58,7 @@ def prior_set(tmp_path_factory) -> Path:
 
 def tiny_model(**changes) -> TextTo3DModelConfig:
     config = TextTo3DModelConfig(
-        implementation="torch",
-        hidden_dim=16,
-        hidden_dim_color=16,
-        num_levels=4,
-        log2_hashmap_size=12,
-        num_nerf_samples_per_ray=16,
-        num_proposal_samples_per_ray=(16, 8),
+        **TINY_FIELD_SETTINGS,
         eval_num_rays_per_chunk=4096,
         shading_start=0,
     )
