@@ -408,9 +408,7 @@ def test_exact_from_folders_with_condition_images(tmp_path):
         {"turn": tmp_path / "after"}, {"turn": tmp_path / "before"}, condition_sigma=0.2
     )
     assert prior.takes_image and prior.conditions.shape == prior.points.shape == (2, 3, 4, 5)
-    expected = (
-        torch.from_numpy(np.array(Image.open(tmp_path / "before" / "1.png"))).permute(2, 0, 1).double()
-    )
+    expected = torch.from_numpy(np.array(Image.open(tmp_path / "before" / "1.png"))).permute(2, 0, 1).double()
     torch.testing.assert_close(prior.conditions[1], expected / 255)
     image = torch.rand(1, 3, 4, 5)
     assert torch.equal(prior.encode_condition(image), image)
