@@ -1,10 +1,12 @@
 """Pieces every distillation pipeline shares: chunked differentiable rendering, the prior's input and
 the NaN/Inf guard.
 
-A guidance step renders whole images with autograd. When an image has more rays than ``chunk_size`` it
-is done in two passes: render without autograd, get the gradient on the image from the guidance, then
-re-render chunk by chunk with autograd and push each chunk's slice of that gradient
-(:func:`backward_in_chunks`), so memory stays bounded by the chunk size.
+A guidance step renders whole images with autograd. A ray-based model (nerfacto) renders a bundle of
+rays; when an image has more rays than ``chunk_size`` it is done in two passes: render without autograd,
+get the gradient on the image from the guidance, then re-render chunk by chunk with autograd and push each
+chunk's slice of that gradient (:func:`backward_in_chunks`), so memory stays bounded by the chunk size. A
+model that rasterises whole images from a camera (Gaussian splats) renders the view in one pass
+(:data:`WholeRender`).
 
 On several GPUs (``--machine.num-devices N``) each rank does this for its own view(s), then the gradients
 are averaged over the ranks before the optimizer step (:mod:`nerfstudio_distill.pipelines.distributed`).
@@ -36,6 +38,10 @@ from nerfstudio_distill.priors.config import PriorConfig
 
 Regularizers = Callable[[dict[str, Any]], dict[str, Tensor]]
 """Model outputs of some rays -> named, already weighted regulariser losses of those rays."""
+
+WholeRender = Callable[[], dict[str, Any]]
+"""Renders a whole view with autograd in one pass and returns the model outputs as ``H x W x C`` images
+(Gaussian splats: ``model.get_outputs(camera)``, cut to the crop)."""
 
 Guide = Callable[[Float[Tensor, "B C h w"], dict[str, Any]], tuple[Tensor, Tensor, dict[str, Any]]]
 """(latents of the render, render outputs) -> (surrogate loss, guidance gradient on the latents, metrics):
@@ -262,22 +268,27 @@ class TrainingPrior:
     def guidance_step(
         self,
         step: int,
-        rays: RayBundle,
+        rays: RayBundle | WholeRender,
         guide: Guide,
         *,
         output: str,
         regularizers: Regularizers,
     ):
-        """One guidance training step, as ``get_train_loss_dict`` returns it: render ``rays`` (``*shape``),
-        encode the ``output`` image with autocast off (the guidance picks its precision), ``guide`` it, skip
-        the step on a NaN/Inf render, gradient or loss, then backpropagate ``guidance_weight`` x the guidance
-        loss plus ``regularizers``: in one pass with autograd, or in two (render, then chunk by chunk, see
-        :func:`backward_in_chunks`) when the render has more rays than ``chunk_size``. ``prior_resolution``,
-        ``chunk_size`` and ``guidance_weight`` are the pipeline config's. On several processes the backward
-        is done here and the gradients averaged over the ranks (:meth:`_backward_and_average`)."""
+        """One guidance training step, as ``get_train_loss_dict`` returns it: render ``rays`` (``*shape``;
+        or call a :data:`WholeRender`), encode the ``output`` image with autocast off (the guidance picks its
+        precision), ``guide`` it, skip the step on a NaN/Inf render, gradient or loss, then backpropagate
+        ``guidance_weight`` x the guidance loss plus ``regularizers``: in one pass with autograd, or for rays
+        in two (render, then chunk by chunk, see :func:`backward_in_chunks`) when the render has more rays
+        than ``chunk_size``. ``prior_resolution``, ``chunk_size`` and ``guidance_weight`` are the pipeline
+        config's. On several processes the backward is done here and the gradients averaged over the ranks
+        (:meth:`_backward_and_average`)."""
         chunk_size, prior_resolution = self.config.chunk_size, self.config.prior_resolution
-        single_pass = math.prod(rays.shape) <= chunk_size
-        outputs = render_in_chunks(self.model, rays, chunk_size, with_grad=single_pass)
+        if isinstance(rays, RayBundle):
+            single_pass = math.prod(rays.shape) <= chunk_size
+            outputs = render_in_chunks(self.model, rays, chunk_size, with_grad=single_pass)
+        else:
+            single_pass = True
+            outputs = rays()
         image = outputs[output]
         if not single_pass:
             image = image.detach().requires_grad_(True)

@@ -1,4 +1,5 @@
-"""Text-driven editing of a trained nerfacto scene: one edit pipeline with two modes (``mode``).
+"""Text-driven editing of a trained scene: one edit pipeline with two modes (``mode``), for two scene
+representations (the model config): nerfacto (``*-edit``) and Gaussian splats (``*-splatfacto``).
 
 ``distill`` (``pds-edit``, ``dds-edit``, ``sds-edit``; only ``guidance.method`` differs): each step renders
 one training view with gradients, encodes it, asks the guidance function for the gradient on the latents,
@@ -16,6 +17,13 @@ The dataset update (:meth:`EditPipeline._update_step`) is shared by both: every 
 next training image, in turn, is replaced by an SDEdit of its render (re-noised to ``refine_strength``·T,
 fixed or drawn from a range, then denoised under the target prompt; with InstructPix2Pix conditioned on
 the view's original image), and the field trains on those images with nerfacto's photometric losses.
+
+Where the representation matters (:attr:`EditPipeline.whole_views`): nerfacto renders a view's rays
+(:meth:`EditDataManager.view_rays`), in chunks, with nerfacto's proposal and distortion regularisers;
+Gaussian splats render a view's camera (:meth:`EditFullImageDataManager.view_camera`) whole, in one
+differentiable pass at ``render_scale``, a crop being a slice of that render, with no regulariser; their
+densification runs only in the refinement stage
+(:class:`~nerfstudio_distill.models.edit_splatfacto.EditSplatfactoModel`).
 
 The prior is built only when training (never by ``ns-export``/``ns-viewer``) and is kept outside
 the module tree, so its weights never enter checkpoints.
@@ -36,22 +44,31 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.datamanagers.base_datamanager import DataManagerConfig
 from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.models.nerfacto import NerfactoModelConfig
+from nerfstudio.models.base_model import ModelConfig
+from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 from torch import Tensor, nn
 
-from nerfstudio_distill.data.edit_datamanager import EditDataManager, EditDataManagerConfig
+from nerfstudio_distill.data.edit_datamanager import (
+    EditDataManager,
+    EditDataManagerConfig,
+    EditFullImageDataManager,
+)
 from nerfstudio_distill.errors import DistillError
 from nerfstudio_distill.guidance.config import GuidanceConfig, method_names
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.models.edit_nerfacto import EditNerfactoModelConfig
+from nerfstudio_distill.models.edit_splatfacto import EditSplatfactoModel
 from nerfstudio_distill.models.regularizers import nerfacto_regularizers
 from nerfstudio_distill.pipelines import distributed
 from nerfstudio_distill.pipelines.common import (
     TrainingPrior,
+    WholeRender,
     check_model_numbers,
     first_non_finite,
     live_prompt,
@@ -69,11 +86,13 @@ class EditPipelineConfig(VanillaPipelineConfig):
     """Edit a trained scene so its views match a target prompt."""
 
     _target: type = field(default_factory=lambda: EditPipeline)
-    datamanager: EditDataManagerConfig = field(default_factory=EditDataManagerConfig)
-    """Serves whole training views, their original images and cameras."""
-    model: NerfactoModelConfig = field(default_factory=EditNerfactoModelConfig)
-    """The scene model; must match the settings of the base nerfacto run. EditNerfactoModelConfig adds
-    a "source_rgb" output (the scene before the edit) for the viewer's split screen."""
+    datamanager: DataManagerConfig = field(default_factory=EditDataManagerConfig)
+    """Serves whole training views, their original images and cameras: rays for nerfacto
+    (EditDataManagerConfig), cameras and full images for Gaussian splats (EditFullImageDataManagerConfig)."""
+    model: ModelConfig = field(default_factory=EditNerfactoModelConfig)
+    """The scene model; must match the settings of the base run (nerfacto for *-edit, splatfacto for
+    *-splatfacto). Both edit models add a "source_rgb" output (the scene before the edit) for the viewer's
+    split screen."""
     target_prompt: str = ""
     """What the edited scene should show, e.g. "a photo of a man in a suit". Required. With
     --pipeline.prior.kind instruct-pix2pix it is the instruction, e.g. "turn him into a clown", and each
@@ -94,13 +113,15 @@ class EditPipelineConfig(VanillaPipelineConfig):
     suits SD 1.5; None feeds renders at their own size (the exact prior needs that)."""
     render_scale: float = 1.0
     """Fraction of a view's resolution rendered per step (0.5: half width and height). Lower is faster
-    and lighter; the render is then upsampled to prior_resolution."""
+    and lighter; the render is then upsampled to prior_resolution. Gaussian splats render the whole view
+    at this scale in one pass."""
     crop_size: int | None = None
     """Render a random square crop of this many pixels (of the scaled view) instead of the whole
-    view. None: whole view."""
+    view. None: whole view. Gaussian splats rasterise the whole scaled view and cut the crop from it (the
+    guidance sees the crop; the cost is the whole view's)."""
     chunk_size: int = 16384
-    """Rays rendered at once. Larger renders are done in two passes (render, then backpropagate chunk
-    by chunk), so memory stays bounded by this number."""
+    """nerfacto: rays rendered at once. Larger renders are done in two passes (render, then backpropagate
+    chunk by chunk), so memory stays bounded by this number. Unused by Gaussian splats (one pass)."""
     guidance_weight: float = 1.0
     """Multiplier of the guidance gradient on the render."""
     mode: Literal["distill", "dataset-update"] = "distill"
@@ -131,6 +152,12 @@ class EditPipelineConfig(VanillaPipelineConfig):
         """Called by DistillTrainer before anything is written: see :func:`check_edit`."""
         check_edit(self, trainer)
 
+    @property
+    def base_method(self) -> str:
+        """The nerfstudio method whose runs this edit starts from (``--load-dir``): splatfacto for a
+        Gaussian-splat model, nerfacto otherwise. DistillTrainer checks the base run against it."""
+        return "splatfacto" if isinstance(self.model, SplatfactoModelConfig) else "nerfacto"
+
 
 class DistillationPanel(nn.Module):
     """Controls in the viewer's "Distillation" folder (the attribute name is the folder label)."""
@@ -155,7 +182,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
     """See the module docstring."""
 
     config: EditPipelineConfig
-    datamanager: EditDataManager
+    datamanager: EditDataManager | EditFullImageDataManager
 
     def __init__(
         self, config: EditPipelineConfig, device: str, test_mode: str = "val", **kwargs: Any
@@ -190,6 +217,15 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             if hasattr(self.model, "keep_source"):
                 self.model.keep_source()
         self._num_steps = max(num_steps, 1)
+        if isinstance(self.model, EditSplatfactoModel):  # densify only in the photometric stage
+            start = self._update_start()
+            self.model.densify_from = None if start is None else int(self.edit_start_step) + start
+
+    @property
+    def whole_views(self) -> bool:
+        """Whether the model renders whole views from a camera in one pass (Gaussian splats) rather than
+        rays (nerfacto)."""
+        return isinstance(self.model, SplatfactoModel)
 
     def _stage_step(self, step: int) -> int:
         return step - max(int(self.edit_start_step), 0)
@@ -251,7 +287,9 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
 
     def _view(
         self, index: int, rng: torch.Generator
-    ) -> tuple[RayBundle, tuple[int, int, int, int] | None, float]:
+    ) -> tuple[RayBundle | WholeRender, tuple[int, int, int, int] | None, float]:
+        """What to render of view ``index`` this step (its rays, or for whole views the render itself), the
+        crop ``(top, left, height, width)`` of the scaled view (None: whole view) and the scale."""
         scale = self.config.render_scale
         camera = self.datamanager.train_dataset.cameras[index]
         height, width = int(camera.height * scale), int(camera.width * scale)
@@ -261,14 +299,36 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             top = int(torch.randint(height - size + 1, (1,), generator=rng))
             left = int(torch.randint(width - size + 1, (1,), generator=rng))
             crop = (top, left, size, size)
+        if self.whole_views:
+            camera = self.datamanager.view_camera(index, scale)
+            return lambda: self._render_camera(camera, crop), crop, scale
         return self.datamanager.view_rays(index, scale, crop), crop, scale
 
     def _render(self, rays: RayBundle, with_grad: bool) -> dict[str, Any]:
         """Render an ``H x W`` bundle in chunks; outputs reshaped to ``H x W x C``."""
         return render_in_chunks(self.model, rays, self.config.chunk_size, with_grad)
 
+    def _render_camera(self, camera: Cameras, crop: tuple[int, int, int, int] | None) -> dict[str, Any]:
+        """Whole-view render of a Gaussian-splat model with autograd, on the viewer's background; image
+        outputs cut to ``crop``."""
+        outputs = self.model.guidance_outputs(camera)
+        if crop is None:
+            return outputs
+        top, left, height, width = crop
+        size = outputs["rgb"].shape[:2]
+        return {
+            key: value[top : top + height, left : left + width]
+            if torch.is_tensor(value) and value.ndim == 3 and value.shape[:2] == size
+            else value
+            for key, value in outputs.items()
+        }
+
     def _regularizers(self, outputs: dict[str, Any]) -> dict[str, Tensor]:
-        """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode)."""
+        """nerfacto's proposal (interlevel) and distortion losses for the rendered rays (training mode);
+        none for Gaussian splats (splatfacto's only one, the optional scale regulariser, is part of its
+        photometric loss)."""
+        if self.whole_views:
+            return {}
         return nerfacto_regularizers(self.model, outputs)
 
     def _to_prior(self, image: Float[Tensor, "H W 3"]) -> Float[Tensor, "1 3 h w"]:
@@ -376,8 +436,19 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         return image[0].permute(1, 2, 0)
 
     def _render_view(self, index: int, scale: float = 1.0) -> Float[Tensor, "H W 3"]:
+        """View ``index`` as the scene looks now, without autograd (Gaussian splats: in eval mode, as the
+        viewer shows it)."""
         with torch.no_grad():
-            return self._render(self.datamanager.view_rays(index, scale), with_grad=False)["rgb"].clamp(0, 1)
+            if not self.whole_views:
+                return self._render(self.datamanager.view_rays(index, scale), with_grad=False)["rgb"].clamp(
+                    0, 1
+                )
+            training = self.model.training
+            self.model.eval()
+            try:
+                return self.model.get_outputs(self.datamanager.view_camera(index, scale))["rgb"].clamp(0, 1)
+            finally:
+                self.model.train(training)
 
     # ------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict, strict: bool | None = None):
@@ -385,8 +456,15 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         model_state = {k[len("_model.") :]: v for k, v in state_dict.items() if k.startswith("_model.")}
         if model_state and all(k.startswith("module.") for k in model_state):  # a base trained with DDP
             model_state = {k[len("module.") :]: v for k, v in model_state.items()}
-        check_state_matches(self.model.state_dict(), model_state)
+        check_state_matches(self.model.state_dict(), model_state, resizable=self._resizable_keys())
         return super().load_state_dict(state_dict, strict=True)
+
+    def _resizable_keys(self) -> tuple[str, ...]:
+        """State keys whose first dimension may differ from the model's: a splat model's Gaussians (their
+        number grows and shrinks in training; splatfacto's ``load_state_dict`` resizes them)."""
+        if not self.whole_views:
+            return ()
+        return tuple(f"gauss_params.{name}" for name in self.model.gauss_params)
 
 
 def strength_range(strength: float | tuple[float, float]) -> tuple[float, float]:
@@ -537,18 +615,27 @@ def check_exact_prior(config: EditPipelineConfig, cameras) -> None:
         )
 
 
-def check_state_matches(expected: dict[str, Tensor], loaded: dict[str, Tensor]) -> None:
-    """Raise one line naming the first differences between a checkpoint and the model."""
+def check_state_matches(
+    expected: dict[str, Tensor], loaded: dict[str, Tensor], resizable: tuple[str, ...] = ()
+) -> None:
+    """Raise one line naming the first differences between a checkpoint and the model. The keys of
+    ``resizable`` may differ in their first dimension (a number of Gaussians), not in the others."""
+
+    def same_shape(key: str, have: Tensor, got: Tensor) -> bool:
+        if key in resizable:
+            return have.ndim == got.ndim and have.shape[1:] == got.shape[1:]
+        return have.shape == got.shape
+
     problems = [f"{k} missing" for k in expected if k not in loaded]
     problems += [f"{k} unexpected" for k in loaded if k not in expected]
     problems += [
         f"{k} is {list(loaded[k].shape)} in the checkpoint but {list(v.shape)} here"
         for k, v in expected.items()
-        if k in loaded and loaded[k].shape != v.shape
+        if k in loaded and not same_shape(k, v, loaded[k])
     ]
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise DistillError(
             f"the --load-dir checkpoint does not match this scene/model: {'; '.join(problems[:3])}{more}: "
-            "use the same --data and nerfacto settings as the base run"
+            "use the same --data and model settings as the base run"
         )

@@ -9,10 +9,13 @@ Before nerfstudio writes anything (``config.yml`` is its first write, in :meth:`
 Each problem stops the process with one ``error: ...`` line that names the fix and a non-zero exit.
 
 While training:
-- A *base* checkpoint (a plain ``nerfacto`` run) restores only the model weights and its step: its
-  optimizer moments, learning rates and schedulers belong to another run (restoring them blew up the
-  camera learning rate in instruct-nerf2nerf #60). A checkpoint of the *same* method resumes that run
-  completely, and runs only the steps left of the planned ``--max-num-iterations``.
+- A *base* checkpoint (a plain ``nerfacto`` run; ``splatfacto`` for the Gaussian-splat edits, as the
+  pipeline config's ``base_method`` says) restores only the model weights and its step: its optimizer
+  moments, learning rates and schedulers belong to another run (restoring them blew up the camera
+  learning rate in instruct-nerf2nerf #60). A checkpoint of the *same* method resumes that run
+  completely, and runs only the steps left of the planned ``--max-num-iterations``. Loading may replace
+  the model's parameters (splatfacto resizes its Gaussians to the checkpoint's number), so the optimizers
+  are then rebuilt on the loaded parameters (and, to resume, given the checkpoint's states again).
 - A step the pipeline skips (non-finite render, guidance gradient, loss or gradients) is counted;
   ``max_bad_steps`` in a row, or any non-finite parameter, stop the run with a non-zero exit, before a
   non-finite field can reach a checkpoint.
@@ -47,8 +50,8 @@ from nerfstudio_distill.compat.seeding import deterministic as use_deterministic
 from nerfstudio_distill.errors import DistillError, exit_message, one_line
 from nerfstudio_distill.pipelines import distributed
 
-BASE_METHODS = ("nerfacto",)
-"""Methods whose checkpoints an edit can start from (besides the edit methods themselves)."""
+DEFAULT_BASE_METHOD = "nerfacto"
+"""The method whose checkpoints an edit starts from, for a pipeline config without ``base_method``."""
 
 RESUME_KEY = "edit_start_step"
 """A pipeline state-dict key only an edit run's checkpoint holds: tells a resume from a base start."""
@@ -121,10 +124,12 @@ def read_checkpoint(path: Path, others: list[int]) -> dict[str, Any]:
 def check_load_dir(config: DistillTrainerConfig) -> LoadPlan | None:
     """Validate ``--load-dir``/``--load-step``; return what to load (None: nothing)."""
     name = config.method_name
+    base_method = getattr(config.pipeline, "base_method", DEFAULT_BASE_METHOD)
     if config.load_dir is None:
         if config.require_load_dir:
             raise DistillError(
-                f"{name} edits a trained scene: pass --load-dir outputs/<scene>/nerfacto/<timestamp>/nerfstudio_models"
+                f"{name} edits a trained scene: pass --load-dir "
+                f"outputs/<scene>/{base_method}/<timestamp>/nerfstudio_models"
             )
         return None
     load_dir = Path(config.load_dir)
@@ -170,10 +175,13 @@ def check_load_dir(config: DistillTrainerConfig) -> LoadPlan | None:
             f"--load-dir {load_dir} is a {method} run: {name} only resumes its own runs "
             "(drop --load-dir to start a new one)"
         )
-    if method not in (*BASE_METHODS, name) and not method.endswith("-edit"):
+    # a nerfacto edit may also start from another nerfacto edit's run (same model); a splat edit only
+    # from splatfacto, or its own run to resume
+    chained = base_method == DEFAULT_BASE_METHOD and method.endswith("-edit")
+    if method not in (base_method, name) and not chained:
         raise DistillError(
-            f"--load-dir {load_dir} is a {method} run: {name} starts from a nerfacto run "
-            "(train one with ns-train nerfacto)"
+            f"--load-dir {load_dir} is a {method} run: {name} starts from a {base_method} run "
+            f"(train one with ns-train {base_method}), or resumes its own"
         )
     check_same_dataset(config, base, load_dir)
     return LoadPlan(path, resume=method == name, source=method)
@@ -342,15 +350,32 @@ class DistillTrainer(Trainer):
         if self.plan.resume:
             try:
                 super()._load_checkpoint()
+                if self._rebuild_optimizers():  # the states went to the replaced parameters: load them again
+                    state = torch.load(self.plan.path, map_location="cpu", mmap=True)
+                    self.optimizers.load_optimizers(state["optimizers"])
+                    if "schedulers" in state and self.config.load_scheduler:
+                        self.optimizers.load_schedulers(state["schedulers"])
             except (RuntimeError, KeyError, ValueError) as e:
                 raise DistillError(f"could not resume from {self.plan.path}: {one_line(e, 150)}") from None
             return
         state = torch.load(self.plan.path, map_location="cpu")
         self.pipeline.load_pipeline(state["pipeline"], state["step"])
+        self._rebuild_optimizers()
         self._start_step = state["step"] + 1
         print(
             f"Loaded the {self.plan.source} weights of {self.plan.path} (optimizers and schedulers start fresh)"
         )
+
+    def _rebuild_optimizers(self) -> bool:
+        """Rebuild the optimizers (and schedulers) when loading replaced parameters they hold (splatfacto's
+        ``load_state_dict`` makes new Gaussians of the checkpoint's number): nerfstudio builds them before
+        loading, and would otherwise step parameters the model no longer has. Returns whether it did."""
+        held = {id(p) for params in self.optimizers.parameters.values() for p in params}
+        current = {id(p) for params in self.pipeline.get_param_groups().values() for p in params}
+        if held == current:
+            return False
+        self.optimizers = self.setup_optimizers()
+        return True
 
     # ------------------------------------------------------------------ guard
     def train(self) -> None:
