@@ -193,7 +193,7 @@ def make_scene(folder: Path, s: Sizes) -> Path:
 
 def edit_config(scene: Path, s: Sizes):
     """``ns-train pds-edit``'s trainer config on ``scene``, Stable Diffusion at ``s.resolution``."""
-    from method_configs.pds_edit import pds_edit
+    from method_configs.guided_edits import pds_edit
 
     config = copy.deepcopy(pds_edit.config)
     pipeline = config.pipeline

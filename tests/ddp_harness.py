@@ -100,8 +100,8 @@ def tiny_edit(
     """``ns-train pds-edit`` (or ``in2n-edit``: one update per step, 2 DDIM steps) with tests/conftest.py's
     CPU flags and tiny field, from a random field (no --load-dir), the exact prior of ``prior_folder``, and
     the given chunk size (below 2304 = 48 x 48 rays: the two-pass backward)."""
+    from method_configs.guided_edits import pds_edit
     from method_configs.in2n_edit import in2n_edit
-    from method_configs.pds_edit import pds_edit
     from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
 
     config = copy.deepcopy({"pds-edit": pds_edit, "in2n-edit": in2n_edit}[method].config)

@@ -125,7 +125,7 @@ def test_evaluate_with_a_tiny_clip_matches_numpy_cosines(tiny_clip):
 def fake_run(root: Path, data: Path, source_prompt: str = SOURCE) -> Path:
     """A pds-edit run folder as ns-train writes it (config.yml, a checkpoint file), without training;
     output_dir is saved relative, as with `ns-train --output-dir outputs`."""
-    from method_configs.pds_edit import pds_edit
+    from method_configs.guided_edits import pds_edit
 
     config = copy.deepcopy(pds_edit.config)
     config.output_dir, config.experiment_name, config.timestamp = Path("outputs"), "ball", "edit"
