@@ -12,7 +12,10 @@ machine; it prints a short table and, as its last line, one JSON object with the
   with that prior, from a random field: s/step, split into render (the first, gradient-free pass),
   prior (encode, guidance, the VAE's backward), backward (the chunked re-render with autograd) and other
   (optimizer, callbacks), and the peak GB (weights included);
-- ``pds_splatfacto``: "not available" until a ``pds-splatfacto`` method is registered;
+- ``pds_splatfacto``: the same for a pds-splatfacto edit (the ``ns-train pds-splatfacto`` method's pipeline
+  and optimizers, full precision as splatfacto) of the same scene and prior, from ``--gaussians`` random
+  Gaussians (all SH degrees from step 3 on): s/step split into render (the whole-view rasterisation),
+  prior, backward and other, and the peak GB;
 - ``ddp``: with 2+ GPUs, the same edit in N processes (NCCL, this plugin's gradient averaging), its s/step
   and the speed-up in views per second over one GPU; otherwise why not;
 - ``goals``: PDS edit step at least 3x faster than the published PDS code (about 0.7 s/step on an A100:
@@ -89,12 +92,27 @@ class Sizes:
     chunk_size: int
     tiny_field: bool
     ddp_steps: int
+    gaussians: int
 
 
 def sizes(args: argparse.Namespace) -> Sizes:
     if args.dry_run:
-        return Sizes("tiny", 64, 4, "fp32", 2, 1, 2, args.edit_steps or 3, 1, 1024, True, 2)
-    return Sizes("sd15", 512, args.views, "fp16", 10, 2, 10, args.edit_steps or 100, 3, 1 << 14, False, 20)
+        return Sizes("tiny", 64, 4, "fp32", 2, 1, 2, args.edit_steps or 3, 1, 1024, True, 2, 500)
+    return Sizes(
+        "sd15",
+        512,
+        args.views,
+        "fp16",
+        10,
+        2,
+        10,
+        args.edit_steps or 100,
+        3,
+        1 << 14,
+        False,
+        20,
+        args.gaussians,
+    )
 
 
 def refuse_downloads():
@@ -250,6 +268,7 @@ def train_edit(
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
     from nerfstudio_distill.pipelines import common
+    from nerfstudio_distill.pipelines.edit import EditPipeline
 
     pipeline, optimizers, scaler, callbacks, mixed = build_edit(config, prior, device, **ranks)
     pipeline.start_edit(0, warmup + steps)
@@ -277,7 +296,11 @@ def train_edit(
 
     render = mock.patch.object(common, "render_in_chunks", watch.wrap("render", common.render_in_chunks))
     chunked = watch.wrap("chunk_backward", common.backward_in_chunks)
-    with render, mock.patch.object(common, "backward_in_chunks", chunked):
+    # Gaussian splats: the whole-view render with autograd (its backward is the trainer's)
+    splats = mock.patch.object(
+        EditPipeline, "_render_camera", watch.wrap("render", EditPipeline._render_camera)
+    )
+    with render, splats, mock.patch.object(common, "backward_in_chunks", chunked):
         for step in range(warmup):
             iteration(step)
         watch.seconds.clear()
@@ -323,13 +346,39 @@ def edit_section(prior: Any, s: Sizes, device: torch.device, work: Path, deadlin
 
 
 # -------------------------------------------------------------------------------------- splatfacto
-def splatfacto_section() -> dict[str, Any]:
+def splat_config(scene: Path, s: Sizes):
+    """``ns-train pds-splatfacto``'s trainer config on ``scene``, Stable Diffusion at ``s.resolution``, from
+    ``s.gaussians`` random Gaussians in the scene's unit cube (an edit loads a base's instead)."""
+    from method_configs.guided_edits import pds_splatfacto
+
+    config = copy.deepcopy(pds_splatfacto.config)
+    pipeline = config.pipeline
+    pipeline.datamanager.data = scene
+    pipeline.datamanager.dataparser.data = scene
+    pipeline.target_prompt, pipeline.source_prompt = TARGET, SOURCE
+    pipeline.prior_resolution = s.resolution
+    pipeline.model = dataclasses.replace(
+        pipeline.model, num_random=s.gaussians, random_scale=1.0, sh_degree_interval=1
+    )
+    return config
+
+
+def splatfacto_section(
+    prior: Any, s: Sizes, device: torch.device, work: Path, deadline: float
+) -> dict[str, Any]:
     names = {e.name for e in entry_points(group="nerfstudio.method_configs")}
     if "pds-splatfacto" not in names:
-        return {"status": "not available", "reason": "no pds-splatfacto method is registered yet"}
+        return {"status": "not available", "reason": "no pds-splatfacto method is registered"}
+    scene = make_scene(work, s)
+    result = train_edit(splat_config(scene, s), prior, device, s.edit_steps, s.edit_warmup, deadline)
     return {
-        "status": "registered, not measured",
-        "reason": "this suite has no pds-splatfacto measurement yet",
+        "status": "measured",
+        "method": "pds-splatfacto",
+        "resolution": s.resolution,
+        "views": s.views,
+        "planned_steps": s.edit_steps,
+        "gaussians": s.gaussians,
+        **result,
     }
 
 
@@ -461,6 +510,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--edit-steps", type=int, default=None, help="timed pds-edit steps (default 100)")
     parser.add_argument("--views", type=int, default=8, help="views of the synthetic scene")
     parser.add_argument(
+        "--gaussians", type=int, default=100_000, help="random Gaussians of the pds-splatfacto edit"
+    )
+    parser.add_argument(
         "--budget",
         type=float,
         default=420.0,
@@ -479,12 +531,17 @@ def run(args: argparse.Namespace, s: Sizes, device: torch.device, started: float
         "guidance_step", guidance_section(prior, s, device, args.seed), started
     )
     with tempfile.TemporaryDirectory() as tmp:
-        # the edit gets what is left of the budget, less a reserve for the DDP measurement
-        deadline = started + args.budget * (0.6 if torch.cuda.device_count() > 1 else 0.9)
+        # the edits get what is left of the budget (nerfacto's first, then the splats'), less a reserve for
+        # the DDP measurement
+        multi = torch.cuda.device_count() > 1
+        deadline = started + args.budget * (0.45 if multi else 0.65)
         report["pds_edit"] = progress(
-            "pds_edit", edit_section(prior, s, device, Path(tmp), deadline), started
+            "pds_edit", edit_section(prior, s, device, Path(tmp) / "nerfacto", deadline), started
         )
-    report["pds_splatfacto"] = splatfacto_section()
+        deadline = started + args.budget * (0.6 if multi else 0.9)
+        report["pds_splatfacto"] = progress(
+            "pds_splatfacto", splatfacto_section(prior, s, device, Path(tmp) / "splats", deadline), started
+        )
     del prior
     if device.type == "cuda":
         torch.cuda.empty_cache()  # rank 0 of the DDP run shares this GPU
@@ -556,7 +613,15 @@ def print_table(report: dict[str, Any]) -> None:
         f"pds-edit: {e['steps']} steps, {e['s_per_step']:.3f} s/step (render {e['render_s']:.3f}, prior "
         f"{e['prior_s']:.3f}, backward {e['backward_s']:.3f}, other {e['other_s']:.3f}), peak {e['peak_gb']:.2f} GB"
     )
-    print(f"pds-splatfacto: {report['pds_splatfacto']['status']}")
+    g = report["pds_splatfacto"]
+    if g["status"] == "measured":
+        print(
+            f"pds-splatfacto: {g['steps']} steps, {g['gaussians']} Gaussians, {g['s_per_step']:.3f} s/step (render "
+            f"{g['render_s']:.3f}, prior {g['prior_s']:.3f}, backward {g['backward_s']:.3f}, other "
+            f"{g['other_s']:.3f}), peak {g['peak_gb']:.2f} GB"
+        )
+    else:
+        print(f"pds-splatfacto: {g['status']} ({g['reason']})")
     d = report["ddp"]
     if d["status"] == "measured":
         print(

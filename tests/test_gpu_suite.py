@@ -29,7 +29,11 @@ def check_report(report: dict) -> None:
     assert EDIT_KEYS <= set(edit) and edit["steps"] == 3 and edit["skipped_steps"] == 0
     assert all(math.isfinite(edit[k]) for k in EDIT_KEYS)
     assert edit["render_s"] > 0 and edit["prior_s"] > 0 and edit["backward_s"] > 0
-    assert report["pds_splatfacto"]["status"] == "not available"
+    splats = report["pds_splatfacto"]
+    assert splats["status"] == "measured" and splats["method"] == "pds-splatfacto"
+    assert EDIT_KEYS <= set(splats) and splats["steps"] == 3 and splats["skipped_steps"] == 0
+    assert all(math.isfinite(splats[k]) for k in EDIT_KEYS) and splats["gaussians"] == 500
+    assert splats["render_s"] > 0 and splats["prior_s"] > 0 and splats["backward_s"] > 0
     assert set(report["goals"]) == {"pds_edit_s_per_step", "pds_edit_peak_gb", "guidance_step_vs_floor"}
     assert all(goal["met"] is None for goal in report["goals"].values())  # a dry run judges no goal
 
@@ -46,7 +50,9 @@ def test_dry_run_builds_everything_and_prints_the_report(capsys):
     check_report(report)
     assert report["ddp"] == {"status": "skipped (--no-ddp)"}
     table = "\n".join(out[:-1])
-    assert "DRY RUN" in table and all(m in table for m in ("sds", "sdi", "dds", "pds", "pds-edit"))
+    assert "DRY RUN" in table and all(
+        m in table for m in ("sds", "sdi", "dds", "pds", "pds-edit", "pds-splatfacto")
+    )
 
 
 @pytest.mark.slow
