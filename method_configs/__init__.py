@@ -11,7 +11,10 @@ To register a method: add ``method_configs/<name>.py`` defining a
 line ``<name> = "method_configs.<module>:<attribute>"`` under
 ``[project.entry-points."nerfstudio.method_configs"]`` in ``pyproject.toml``; then
 ``pip install -e .`` refreshes the installed entry points. ``tests/test_registry.py``
-checks every registered method.
+checks every registered method. The guidance edits (``pds-edit``, ``pds-splatfacto``, ...)
+are generated instead, one per scene representation and edit guidance method, from the
+tables of ``method_configs/_edit.py`` into ``method_configs/guided_edits.py``; each still
+needs its entry-point line (``tests/test_edit_splatfacto.py`` checks they match).
 """
 
 from nerfstudio_distill import compat

@@ -16,7 +16,8 @@ starting from the original photos.
 The dataset update (:meth:`EditPipeline._update_step`) is shared by both: every ``refine_every`` steps the
 next training image, in turn, is replaced by an SDEdit of its render (re-noised to ``refine_strength``·T,
 fixed or drawn from a range, then denoised under the target prompt; with InstructPix2Pix conditioned on
-the view's original image), and the field trains on those images with nerfacto's photometric losses.
+the view's original image), and the scene trains on those images with the model's photometric losses
+(nerfacto's; splatfacto's L1 + SSIM, with its densification).
 
 Where the representation matters (:attr:`EditPipeline.whole_views`): nerfacto renders a view's rays
 (:meth:`EditDataManager.view_rays`), in chunks, with nerfacto's proposal and distortion regularisers;
@@ -130,11 +131,13 @@ class EditPipelineConfig(VanillaPipelineConfig):
     run is Instruct-NeRF2NeRF's iterative dataset update. The training images start as the original
     photos; every --pipeline.refine-every steps the next one is replaced by an SDEdit of its render under
     the target prompt (with instruct-pix2pix conditioned on the view's original image; with a text-only
-    prior, stable-diffusion or exact, a plain SDEdit of the render), and the field trains on them with
-    nerfacto's photometric losses. Of --pipeline.guidance only guidance-scale is used there."""
+    prior, stable-diffusion or exact, a plain SDEdit of the render), and the scene trains on them with the
+    model's photometric losses (nerfacto's; splatfacto's). Of --pipeline.guidance only guidance-scale is
+    used there."""
     refine_steps: int = 0
     """distill mode: run the last refine_steps of --max-num-iterations as the refinement stage (the dataset
-    update, starting from renders of the distilled scene). 0: no refinement."""
+    update, starting from renders of the distilled scene). 0: no refinement. Gaussian splats densify only
+    in this stage (splatfacto's strategy, its warm-up and intervals counted from the stage's first step)."""
     refine_every: int = 10
     """Dataset update: replace one training image, the next in turn, every this many steps (IN2N's edit
     rate)."""
@@ -370,8 +373,8 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
     # --------------------------------------------------------- dataset update
     def _update_step(self, step: int, k: int):
         """Step ``k`` of the dataset update: every ``refine_every`` steps the next training image in turn (on
-        N GPUs the next N, one per rank) is replaced by :meth:`_edit_view`; then nerfacto's photometric step
-        on the (partly edited) images."""
+        N GPUs the next N, one per rank) is replaced by :meth:`_edit_view`; then the model's photometric step
+        (nerfstudio's, as nerfacto or splatfacto train) on the (partly edited) images."""
         views = self.datamanager.num_train_views
         if not self._update_started:
             # The refinement stage starts from the distilled scene, and so does a resumed run (the images
@@ -522,7 +525,7 @@ def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
         edits = method_names(edits=True)
         raise DistillError(
             f"--pipeline.guidance.method {config.guidance.method} is not an edit method: use "
-            f"{', '.join(edits)} (or the matching ns-train {', '.join(f'{m}-edit' for m in edits)})"
+            f"{', '.join(edits)} (or the matching ns-train method, e.g. {edits[-1]}-edit or {edits[-1]}-splatfacto)"
         )
     config.prior.check()
     check_model_numbers(config.model)
