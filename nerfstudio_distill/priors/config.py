@@ -152,6 +152,16 @@ class PriorConfig:
         check_device(self.stable_diffusion.device, f"{flag}stable-diffusion.device")
         check_device(self.instruct_pix2pix.device, f"{flag}instruct-pix2pix.device")
         check_device(self.exact.device, f"{flag}exact.device")
+        for kind in ("stable-diffusion", "instruct-pix2pix"):
+            options = self.stable_diffusion if kind == "stable-diffusion" else self.instruct_pix2pix
+            if self.kind == kind and options.lora is not None:
+                from nerfstudio_distill.priors.lora import read_lora_record
+
+                read_lora_record(options.lora, f"{flag}{kind}.lora")  # the weights are checked when loaded
+                if not math.isfinite(options.lora_scale):
+                    raise PriorLoadError(
+                        f"{flag}{kind}.lora-scale {options.lora_scale}: pass a finite number"
+                    )
         if self.kind == "exact":
             self.exact.folders()
             self.exact.sigma_value()

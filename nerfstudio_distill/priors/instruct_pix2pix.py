@@ -30,6 +30,10 @@ MODEL_FLAGS = (
     "--pipeline.prior.instruct-pix2pix.model (ns-train; --prior.instruct-pix2pix.model in ns-distill-2d)"
 )
 """Where users set the model, named in load errors."""
+LORA_FLAGS = (
+    "--pipeline.prior.instruct-pix2pix.lora (ns-train; --prior.instruct-pix2pix.lora in ns-distill-2d)"
+)
+"""Where users set the LoRA adapters, named in load errors."""
 
 
 @dataclass
@@ -63,6 +67,7 @@ class InstructPix2PixPrior(StableDiffusionPrior):
 
     config_class = InstructPix2PixPriorConfig
     model_flags = MODEL_FLAGS
+    lora_flags = LORA_FLAGS
     takes_image = True
     config: InstructPix2PixPriorConfig
 

@@ -81,6 +81,14 @@ class StableDiffusionPriorConfig:
     check_resolution: bool = True
     """Reject images whose height or width is not a multiple of the VAE's downsampling factor (8 for
     SD), with an error that says what size to resize to. Switch off only if you handle sizes yourself."""
+    lora: Path | None = None
+    """Folder of LoRA adapters written by ns-distill-personalize (lora.json, unet_lora.safetensors and, if
+    trained, text_encoder_lora.safetensors), loaded onto this model for every prediction: e.g. a prior
+    personalised to the scene being edited (DreamBooth). They must have been trained on this model. None:
+    the model as it is."""
+    lora_scale: float = 1.0
+    """Strength of the LoRA adapters of the lora option: 0 is the base model, 1 as trained; values in
+    between blend the two."""
 
     def setup(self, **overrides: Any) -> StableDiffusionPrior:
         """Load the networks and return the prior; ``overrides`` replace fields (e.g. ``device=``)."""
@@ -100,6 +108,10 @@ MODEL_FLAGS = (
     "--pipeline.prior.stable-diffusion.model (ns-train; --prior.stable-diffusion.model in ns-distill-2d)"
 )
 """Where users set the model, named in load errors."""
+LORA_FLAGS = (
+    "--pipeline.prior.stable-diffusion.lora (ns-train; --prior.stable-diffusion.lora in ns-distill-2d)"
+)
+"""Where users set the LoRA adapters, named in load errors."""
 
 
 class StableDiffusionPrior(Prior):
@@ -114,6 +126,8 @@ class StableDiffusionPrior(Prior):
     """The options dataclass (its defaults apply when no config is given)."""
     model_flags: str = MODEL_FLAGS
     """Where users set the model, named in load errors."""
+    lora_flags: str = LORA_FLAGS
+    """Where users set the LoRA adapters, named in load errors."""
 
     def __init__(self, config: StableDiffusionPriorConfig | None = None, **overrides: Any) -> None:
         config, dtype, device = self._resolve(config, overrides)
@@ -238,6 +252,13 @@ class StableDiffusionPrior(Prior):
         self.text_encoder = text_encoder.to(dtype)
         self.vae = vae
         self.unet = unet
+        self.lora: dict[str, Any] | None = None
+        """lora.json of the adapters loaded from ``config.lora`` (None: none)."""
+        if config.lora is not None:
+            from .lora import load_lora
+
+            nets = {"unet": unet, "text_encoder": self.text_encoder}
+            self.lora = load_lora(config.lora, nets, self.lora_flags, scale=config.lora_scale, dtype=dtype)
         for net in (self.text_encoder, self.vae, self.unet):
             net.requires_grad_(False).eval()
         if config.channels_last:
@@ -284,14 +305,19 @@ class StableDiffusionPrior(Prior):
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ prompts
+    def text_embeddings(self, prompts: Sequence[str]) -> Float[Tensor, "B L D"]:
+        """CLIP last hidden states of the padded prompts, in the prior's dtype, with autograd when the text
+        encoder has trainable parameters (LoRA training); :meth:`embed` is the cached, gradient-free form."""
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
     @torch.no_grad()
     def _embed(self, prompt: str) -> Float[Tensor, "1 L D"]:
         """CLIP last hidden state of the padded prompt, in the prior's dtype."""
-        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-        tokens = self.tokenizer(
-            [prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return self.text_embeddings([prompt])
 
     # ------------------------------------------------------------------ network
     def _unet_input(self, x_t: Float[Tensor, "N C h w"], **conditions: Any) -> Float[Tensor, "N C_in h w"]:
