@@ -36,6 +36,10 @@ class DemoError(DistillError):
     """Bad input to the demo."""
 
 
+class PersonalizeError(DistillError):
+    """Bad input to ``ns-distill-personalize``."""
+
+
 def one_line(error: BaseException, limit: int = 200) -> str:
     """``Type: message`` of a foreign exception, whitespace folded, cut at ``limit`` characters."""
     text = " ".join(str(error).split()) or "no message"
