@@ -56,6 +56,14 @@ as sanity checks, and ``psnr_to_ideal``, the no-edit reference.
     .venv/bin/python benchmarks/edit_quality.py            # table; --json: last line is one JSON object
     .venv/bin/python benchmarks/edit_quality.py --steps 100 --resolution 32 --methods pds --keep
     .venv/bin/python benchmarks/edit_quality.py --seeds 0 1 2 --jobs 2   # mean ± std over three seeds
+    .venv/bin/python benchmarks/edit_quality.py --representation splatfacto --methods pds dds sds
+
+``--representation splatfacto`` runs the same scene, prior, settings and scores on Gaussian splats: the
+base is ``ns-train splatfacto`` (``--gaussians`` random Gaussians in the scene's box, SH degree 1, black
+background, densifying from step 100) and the rows are ``pds-splatfacto``, ``dds-splatfacto``,
+``sds-splatfacto`` (and ``pds-ip2p`` on splats); in2n-edit has no splat method. Depth is splatfacto's
+expected depth along the camera axis, turned into distance along the ray as nerfacto's.
+``s_per_step`` (both representations) is the edit process's wall time over its steps, start-up included.
 """
 
 from __future__ import annotations
@@ -221,6 +229,11 @@ class Settings:
     nerfacto step 4-6x faster than two (two threads mostly wait for each other)."""
     methods: tuple[str, ...] = METHODS
     """Which edits to run."""
+    representation: str = "nerfacto"
+    """The scene model of the base and the edits: "nerfacto" (``*-edit``) or "splatfacto" (Gaussian splats,
+    ``*-splatfacto``; no in2n row)."""
+    gaussians: int = 2000
+    """Random Gaussians the splatfacto base starts from (representation splatfacto)."""
 
 
 # Small nerfacto for CPU; identical in the base and every edit (the edit checks the checkpoint matches).
@@ -235,6 +248,19 @@ FIELD_FLAGS = [
     "--pipeline.model.background-color", "black",  # the scene's background
     "--pipeline.model.camera-optimizer.mode", "off",  # exact synthetic poses
 ]  # fmt: skip
+# The splatfacto base and edits (representation splatfacto); identical in both, as the edit checks.
+SPLAT_FLAGS = [
+    "--pipeline.model.random-init", "True",
+    "--pipeline.model.random-scale", "1.0",  # the dataparser fits the cameras (radius 4) in [-1, 1]
+    "--pipeline.model.sh-degree", "1",  # the scene is unshaded
+    "--pipeline.model.background-color", "black",  # the scene's background
+]  # fmt: skip
+SPLAT_BASE_FLAGS = [
+    "--pipeline.model.num-downscales", "0",
+    "--pipeline.model.warmup-length", "100",
+    "--pipeline.model.refine-every", "50",
+]  # fmt: skip
+"""splatfacto's densification within a few hundred base steps (its defaults start at step 500)."""
 NO_EVAL = ["--steps-per-eval-batch", "1000000", "--steps-per-eval-image", "1000000"]
 NO_EVAL += ["--steps-per-eval-all-images", "1000000"]
 
@@ -334,9 +360,27 @@ def ns_train(
     return seconds
 
 
+def model_flags(s: Settings) -> list[str]:
+    """The scene model's flags, shared by the base and the edits."""
+    if s.representation == "splatfacto":
+        return [*SPLAT_FLAGS, "--pipeline.model.num-random", str(s.gaussians)]
+    return FIELD_FLAGS
+
+
+def method_of(s: Settings, row: Row) -> str:
+    """The ``ns-train`` method of ``row`` for the settings' representation (pds-edit -> pds-splatfacto)."""
+    if s.representation == "splatfacto":
+        return row.method.removesuffix("-edit") + "-splatfacto"
+    return row.method
+
+
+def base_method(s: Settings) -> str:
+    return "splatfacto" if s.representation == "splatfacto" else "nerfacto"
+
+
 def common_flags(s: Settings, scene: Path, work: Path, steps: int, timestamp: str) -> list[str]:
     return [
-        "--machine.device-type", "cpu", "--vis", "tensorboard", *FIELD_FLAGS, *NO_EVAL,
+        "--machine.device-type", "cpu", "--vis", "tensorboard", *model_flags(s), *NO_EVAL,
         "--machine.seed", str(s.seed), "--max-num-iterations", str(steps),
         "--output-dir", str(work / "out"), "--timestamp", timestamp,
         "--data", str(scene),
@@ -363,11 +407,12 @@ def edit_flags(s: Settings, prior: Path, base_models: Path, row: Row = ROWS["pds
         "--pipeline.guidance.timesteps.min-fraction", str(s.t_min),
         "--pipeline.guidance.timesteps.max-fraction", str(s.t_max),
         "--pipeline.guidance.psi-scale", str(s.psi_scale),
-        "--pipeline.model.edit-appearance", s.appearance,
         "--pipeline.guidance.pds-rule", s.pds_rule,
         "--pipeline.seed", str(s.seed),
         "--steps-per-save", "1000000",  # the trainer still saves the last step
     ]  # fmt: skip
+    if s.representation == "nerfacto":
+        flags += ["--pipeline.model.edit-appearance", s.appearance]
     if method == "in2n-edit":
         # one view's rays per photometric step, what a guidance edit renders per step, so every row costs
         # about the same per step (in2n-edit's default, IN2N's 16384 rays, is 7x that at 48 px)
@@ -375,7 +420,8 @@ def edit_flags(s: Settings, prior: Path, base_models: Path, row: Row = ROWS["pds
     if s.cfg is not None:
         flags += ["--pipeline.guidance.guidance-scale", str(s.cfg)]
     if s.lr is not None:
-        flags += ["--optimizers.fields.optimizer.lr", str(s.lr)]
+        group = "means" if s.representation == "splatfacto" else "fields"
+        flags += [f"--optimizers.{group}.optimizer.lr", str(s.lr)]
     return flags
 
 
@@ -404,17 +450,21 @@ def render_run(run: Path, per_image: bool = False) -> dict[str, Any]:
     """Load a finished run with ``eval_setup`` and render every train and eval camera of its dataparser.
 
     Returns ``frames`` (index into transforms.json, from the image filenames), ``eval`` (held-out mask),
-    ``rgb`` N x H x W x 3, ``depth`` N x H x W (nerfacto's depth in generator units) and ``scale``.
+    ``rgb`` N x H x W x 3, ``depth`` N x H x W (nerfacto's depth in generator units; a Gaussian-splat run's
+    expected z-depth turned into distance along the ray, the same) and ``scale``.
     Renders use what the viewer shows (nerfacto in eval mode: the mean appearance embedding).
     ``per_image``: train views render with their own appearance embedding instead (what a guidance render
     saw during an edit with ``--pipeline.model.edit-appearance per-image``); held-out views have none and
     keep the mean.
     """
     import torch
+    from nerfstudio.models.splatfacto import SplatfactoModel
 
     from nerfstudio_distill.scripts.pictures import load_run
 
     pipeline = load_run(run / "config.yml", test_mode="test")
+    if isinstance(pipeline.model, SplatfactoModel):
+        return _render_splats(pipeline)
     dm = pipeline.datamanager
     scale = float(dm.train_dataparser_outputs.dataparser_scale)
     frames, held_out, rgb, depth = [], [], [], []
@@ -435,6 +485,37 @@ def render_run(run: Path, per_image: bool = False) -> dict[str, Any]:
                 out = pipeline.model.get_outputs_for_camera_ray_bundle(bundle)
             rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
             depth.append(out["depth"][..., 0].cpu().numpy() / scale)
+    return {
+        "frames": np.array(frames),
+        "eval": np.array(held_out),
+        "rgb": np.stack(rgb),
+        "depth": np.stack(depth),
+        "scale": scale,
+    }
+
+
+def _render_splats(pipeline: Any) -> dict[str, Any]:
+    """:func:`render_run` of a Gaussian-splat run: every train and eval camera, as the viewer shows it."""
+    import torch
+
+    dm = pipeline.datamanager
+    scale = float(dm.train_dataparser_outputs.dataparser_scale)
+    frames, held_out, rgb, depth = [], [], [], []
+    for dataset, is_eval in ((dm.train_dataset, False), (dm.eval_dataset, True)):
+        cameras = dataset.cameras.to(pipeline.device)
+        for i, filename in enumerate(dataset._dataparser_outputs.image_filenames):
+            frames.append(int(Path(filename).stem.split("_")[-1]))
+            held_out.append(is_eval)
+            camera = cameras[i : i + 1]
+            with torch.no_grad():
+                out = pipeline.model.get_outputs_for_camera(camera)
+            # z-depth -> distance along the ray: times |(x, y, 1)| in normalised image coordinates
+            h, w = out["rgb"].shape[:2]
+            x = (torch.arange(w) + 0.5 - float(camera.cx)) / float(camera.fx)
+            y = (torch.arange(h) + 0.5 - float(camera.cy)) / float(camera.fy)
+            stretch = torch.sqrt(1 + x[None, :] ** 2 + y[:, None] ** 2)
+            rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
+            depth.append((out["depth"][..., 0].cpu() * stretch).numpy() / scale)
     return {
         "frames": np.array(frames),
         "eval": np.array(held_out),
@@ -506,6 +587,8 @@ def ground_truth(scene: Path, frames: np.ndarray, change: dict[str, str]) -> dic
 
 # --------------------------------------------------------------------------------------- run
 BASE_FIELDS = (
+    "representation",
+    "gaussians",
     "scene",
     "seed",
     "base_steps",
@@ -516,7 +599,7 @@ BASE_FIELDS = (
     "rays_per_batch",
     "sigma",
 )
-"""Settings that decide the base nerfacto (``--reuse-base`` reuses a base only when all of them match)."""
+"""Settings that decide the base (``--reuse-base`` reuses a base only when all of them match)."""
 
 
 def run(
@@ -531,6 +614,13 @@ def run(
     unknown = set(s.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}: use any of {', '.join(METHODS)}")
+    if s.representation not in ("nerfacto", "splatfacto"):
+        raise ValueError(f"representation {s.representation!r}: use nerfacto or splatfacto")
+    if s.representation == "splatfacto":
+        if "in2n" in s.methods:
+            raise ValueError("in2n has no Gaussian-splat method: leave it out of --methods")
+        if s.appearance != "mean":
+            raise ValueError("--appearance is nerfacto's appearance embedding: splats have none")
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="edit_quality_")
@@ -545,7 +635,7 @@ def run(
             f"identity check: ideal edit nearest in {check['ideal_is_nearest']} views, margin {check['margin']}"
         )
 
-        base_run = run_dir(work, "nerfacto", "base")
+        base_run = run_dir(work, base_method(s), "base")
         base_key = {name: getattr(s, name) for name in BASE_FIELDS}
         marker = work / "base.json"
         kept = json.loads(marker.read_text()) if reuse_base and marker.exists() else {}
@@ -554,33 +644,43 @@ def run(
             log(f"reusing the base in {base_run}")
         else:
             shutil.rmtree(work / "out", ignore_errors=True)
+            base_flags = (
+                SPLAT_BASE_FLAGS
+                if s.representation == "splatfacto"
+                else ["--pipeline.datamanager.train-num-rays-per-batch", str(s.rays_per_batch)]
+            )
             base_seconds = ns_train(
-                "nerfacto",
-                [*common_flags(s, scene, work, s.base_steps, "base"),
-                 "--pipeline.datamanager.train-num-rays-per-batch", str(s.rays_per_batch)],
+                base_method(s), [*common_flags(s, scene, work, s.base_steps, "base"), *base_flags],
                 work, s.threads, log,
             )  # fmt: skip
             marker.write_text(json.dumps({"settings": base_key, "seconds": base_seconds}))
         seconds = {}
         for name in s.methods:
             row = ROWS[name]
-            shutil.rmtree(run_dir(work, row.method, name), ignore_errors=True)  # a reused workdir
+            method = method_of(s, row)
+            shutil.rmtree(run_dir(work, method, name), ignore_errors=True)  # a reused workdir
             flags = common_flags(s, scene, work, s.steps, name) + edit_flags(
                 s, instruct if row.instruct else prior, base_run / "nerfstudio_models", row
             )
-            seconds[name] = ns_train(row.method, flags, work, s.threads, log, name)
+            seconds[name] = ns_train(method, flags, work, s.threads, log, name)
 
         with _offline_here(work, s.threads):
             base = render_run(base_run)
-            edits = {m: render_run(run_dir(work, ROWS[m].method, m)) for m in s.methods}
+            edits = {m: render_run(run_dir(work, method_of(s, ROWS[m]), m)) for m in s.methods}
         truth = ground_truth(scene, base["frames"], bench.change)
         result: dict[str, Any] = {}
         for method, edited in edits.items():
             assert (edited["frames"] == base["frames"]).all()
-            result[method] = {**score(edited, truth, base, bench), "seconds": seconds[method]}
+            result[method] = {
+                **score(edited, truth, base, bench),
+                "seconds": seconds[method],
+                "s_per_step": seconds[method] / s.steps,
+            }
         if s.appearance == "per-image":  # what the guidance saw: each train view with its own embedding
             with _offline_here(work, s.threads):
-                seen = {m: render_run(run_dir(work, ROWS[m].method, m), per_image=True) for m in s.methods}
+                seen = {
+                    m: render_run(run_dir(work, method_of(s, ROWS[m]), m), per_image=True) for m in s.methods
+                }
             for method, edited in seen.items():
                 scores = score(edited, truth, base, bench)
                 result[method] |= {f"{key}_per_image": scores[key] for key in PER_IMAGE_KEYS}
@@ -652,18 +752,20 @@ def table(result: dict[str, Any]) -> str:
     """Markdown table of the result (of one seed, or mean ± spread over seeds)."""
     rows = [
         "| run | PSNR to ideal (dB) | held-out | target acc. | colour progress | stripes kept "
-        "| depth change | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| depth change | time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("base", *METHODS):
         if name not in result:
             continue
         r = result[name]
         depth = _cell(r, "depth_change", 1, 100, " %") if "depth_change" in r else "—"
+        per_step = f"{r['s_per_step']:.2f}" if "s_per_step" in r else "—"  # the base: none
         rows.append(
             f"| {'base (no edit)' if name == 'base' else name.upper()} | {_cell(r, 'psnr_to_ideal', 2)} | "
             f"{_cell(r, 'psnr_to_ideal_eval', 2)} | {_cell(r, 'target_accuracy', 3)} | "
-            f"{_cell(r, 'colour_progress', 2)} | {_cell(r, 'stripe_accuracy', 3)} | {depth} | {r['seconds']:.0f} |"
+            f"{_cell(r, 'colour_progress', 2)} | {_cell(r, 'stripe_accuracy', 3)} | {depth} | {r['seconds']:.0f} | "
+            f"{per_step} |"
         )
     seen = [name for name in METHODS if "psnr_to_ideal_per_image" in result.get(name, {})]
     if seen:  # --appearance per-image: the same edits rendered as the guidance saw them
@@ -677,8 +779,9 @@ def table(result: dict[str, Any]) -> str:
             )
     base = result["base"]
     seeds = f"mean ± std over seeds {result['seeds']}; " if "seeds" in result else ""
+    settings = result["per_seed"][0]["settings"] if "per_seed" in result else result["settings"]
     rows.append(
-        f"{seeds}base: PSNR to the source {base['psnr_to_source']:.2f} dB, depth error "
+        f"{settings['representation']}; {seeds}base: PSNR to the source {base['psnr_to_source']:.2f} dB, depth error "
         f"{100 * base['depth_error']:.1f} % of the object size; identity check {result['identity_check']}"
     )
     return "\n".join(rows)
