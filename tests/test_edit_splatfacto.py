@@ -195,6 +195,17 @@ def test_a_nerfacto_edit_refuses_a_splatfacto_base_in_one_line(tmp_path, tiny_sc
     one_line(err, "is a splatfacto run", "pds-edit starts from a nerfacto run")
 
 
+def test_several_gpus_are_refused_in_one_line(tiny_scene, prior_folder):
+    from nerfstudio_distill.pipelines.edit import check_edit
+
+    config = splat_trainer_config(None, tiny_scene)
+    config.pipeline = splat_config(tiny_scene, prior_folder)
+    config.machine.num_devices = 2
+    with pytest.raises(DistillError) as err:
+        check_edit(config.pipeline, config)
+    one_line(err, "--machine.num-devices 2", "pass --machine.num-devices 1")
+
+
 # ---------------------------------------------------------------- densification
 def train(pipe, config, steps: range) -> list[int]:
     """nerfstudio's training loop around the pipeline (callbacks, optimizers); the Gaussian count after

@@ -529,6 +529,12 @@ def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
         )
     config.prior.check()
     check_model_numbers(config.model)
+    if isinstance(config.model, SplatfactoModelConfig) and trainer.machine.num_devices > 1:
+        # every rank would densify its own way (its own 2D gradients) and the Gaussian sets would part
+        raise DistillError(
+            f"--machine.num-devices {trainer.machine.num_devices}: the Gaussian-splat edits run in one "
+            "process (their densification is not shared between GPUs): pass --machine.num-devices 1"
+        )
     flag = "--pipeline."
     for name, value in [("render_scale", config.render_scale), ("guidance_weight", config.guidance_weight)]:
         if not math.isfinite(value):
