@@ -44,6 +44,18 @@ class EditSplatfactoModelConfig(SplatfactoModelConfig):
     refinement stage, plus a "source_rgb" output: the scene before the edit."""
 
     _target: type = field(default_factory=lambda: EditSplatfactoModel)
+    # splatfacto's densification settings, with what they mean in an edit (same defaults)
+    warmup_length: int = 500
+    """Densification starts after this many steps of the refinement stage (--pipeline.refine-steps); the
+    guidance stage never densifies. Lower it for a short refinement."""
+    refine_every: int = 100
+    """In the refinement stage: grow and prune Gaussians every this many steps (counted from the stage's
+    first step). Not --pipeline.refine-every, the dataset update's interval."""
+    reset_alpha_every: int = 30
+    """In the refinement stage: clamp every opacity (to 2 x cull-alpha-thresh) every this many refine-every
+    intervals, counted from the stage's first step (not at it)."""
+    stop_split_at: int = 15000
+    """No densification from this step of the refinement stage on."""
 
 
 class EditSplatfactoModel(SplatfactoModel):
