@@ -31,7 +31,7 @@ from nerfstudio_distill.priors.lora import (
     set_lora_enabled,
 )
 from nerfstudio_distill.scripts import personalize
-from tests.conftest import assert_error_line
+from tests.conftest import FEW_SAMPLES, assert_error_line, ns_train, ns_train_here, ns_train_main, run_here
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd, tiny_components
 
 PROMPT = "a photo of a sks ball"
@@ -375,3 +375,90 @@ def test_help_documents_every_option(capsys):
     for name, doc in docs.items():
         assert "--" + name.replace("_", "-") in shown, name
         assert " ".join(doc.split()[:3]) in shown, (name, doc)
+
+
+# ------------------------------------------------------------------------------------- the edit, end to end
+def sd_edit_flags(base_run: Path, model: Path, lora: Path) -> list[str]:
+    return [
+        "--load-dir", str(base_run), *FEW_SAMPLES,
+        "--pipeline.source-prompt", PROMPT, "--pipeline.target-prompt", "a photo of a sks ball in red",
+        "--pipeline.prior.kind", "stable-diffusion",
+        "--pipeline.prior.stable-diffusion.model", str(model),
+        "--pipeline.prior.stable-diffusion.dtype", "fp32",
+        "--pipeline.prior.stable-diffusion.lora", str(lora),
+        "--pipeline.prior-resolution", str(IMAGE_SIZE),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_edit_with_personalised_prior_runs_and_saves_no_prior_weights(
+    tiny_scene, tiny_sd, base_run, tmp_path, monkeypatch
+):
+    """ns-distill-personalize, then ns-train pds-edit with --pipeline.prior.stable-diffusion.lora for 2 steps:
+    the prior the edit uses holds the adapters, and the edit's checkpoint holds neither them nor the prior."""
+    lora = tmp_path / "lora"
+    run(monkeypatch, cli(tiny_scene, tiny_sd, lora, "--steps", "3", "--lr", "1e-2"))
+    from nerfstudio_distill.priors import lora as lora_module
+
+    loaded, real_load = [], lora_module.load_lora
+
+    def load_lora(folder, nets, *args, **kwargs):
+        record = real_load(folder, nets, *args, **kwargs)
+        loaded.append((Path(folder), {key: len(lora_layers(net)) for key, net in nets.items()}))
+        return record
+
+    monkeypatch.setattr(lora_module, "load_lora", load_lora)
+    out = tmp_path / "out"
+    run_here(ns_train_main, ns_train("pds-edit", out, tiny_scene, *sd_edit_flags(base_run, tiny_sd, lora)))
+    assert loaded == [(lora, {"unet": 32, "text_encoder": 0})]
+    (ckpt,) = (out / tiny_scene.name / "pds-edit" / "run" / "nerfstudio_models").glob("step-*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    keys = list(state["pipeline"])
+    assert not [k for k in keys if "lora" in k or "unet" in k or "text_encoder" in k or "vae" in k]
+    assert ckpt.stat().st_size < 1.05 * next(base_run.glob("step-*.ckpt")).stat().st_size
+    import yaml
+
+    config = yaml.load(
+        (out / tiny_scene.name / "pds-edit" / "run" / "config.yml").read_text(), Loader=yaml.Loader
+    )
+    assert (
+        config.pipeline.prior.stable_diffusion.lora == lora
+    )  # the run records the adapters it was edited with
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "other-architecture"])
+def test_edit_with_a_bad_adapter_folder_is_one_line(tiny_scene, tiny_sd, base_run, tmp_path, case):
+    lora = tmp_path / "lora"
+    if case == "other-architecture":
+        adapter_folder(lora, cross_attention_dim=16)
+    out = tmp_path / "out"
+    code = ns_train_here(ns_train("pds-edit", out, tiny_scene, *sd_edit_flags(base_run, tiny_sd, lora)))
+    needles = ["does not exist"] if case == "missing" else ["do not fit this model's unet"]
+    assert_error_line(code, "--pipeline.prior.stable-diffusion.lora", *needles)
+    assert not list(out.rglob("*.ckpt"))
+
+
+def test_distill_2d_takes_the_adapters(tiny_sd, tiny_scene, tmp_path, monkeypatch):
+    """ns-distill-2d (same PriorConfig) loads them with --prior.stable-diffusion.lora; a missing folder is
+    one line with its own flag."""
+    from nerfstudio_distill.scripts import distill_2d
+
+    lora = adapter_folder(tmp_path / "lora")
+    args = ["ns-distill-2d", "--image", str(tiny_scene), "--target-prompt", "a red ball", "--steps", "2",
+            "--resolution", str(IMAGE_SIZE), "--device", "cpu", "--prior.stable-diffusion.model", str(tiny_sd)]  # fmt: skip
+    monkeypatch.setattr(
+        sys, "argv", [*args, "--output-dir", str(tmp_path / "a"), "--prior.stable-diffusion.lora", str(lora)]
+    )
+    distill_2d.entrypoint()
+    report = json.loads((tmp_path / "a" / "distill_2d.json").read_text())
+    assert report["settings"]["prior"]["stable_diffusion"]["lora"] == str(lora)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [*args, "--output-dir", str(tmp_path / "b"), "--prior.stable-diffusion.lora", str(tmp_path / "x")],
+    )
+    with pytest.raises(SystemExit) as stop:
+        distill_2d.entrypoint()
+    assert_error_line(stop.value.code, "--prior.stable-diffusion.lora", "does not exist")
+    assert not (tmp_path / "b").exists()
