@@ -462,3 +462,18 @@ def test_distill_2d_takes_the_adapters(tiny_sd, tiny_scene, tmp_path, monkeypatc
         distill_2d.entrypoint()
     assert_error_line(stop.value.code, "--prior.stable-diffusion.lora", "does not exist")
     assert not (tmp_path / "b").exists()
+
+
+def test_step_benchmark_runs():
+    """benchmarks/personalize_step.py builds its priors and times train_step (a smoke test; no timing is
+    asserted)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import personalize_step
+
+    threads = torch.get_num_threads()
+    try:
+        rows = personalize_step.main(["--sizes", "tiny16", "--warmup", "0", "--repeats", "1", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["variant"] for r in rows] == ["unet", "text-encoder", "prior"]
+    assert rows[0]["trained_parameters"] == 9984 and all(r["median_s_per_step"] > 0 for r in rows)
