@@ -477,3 +477,80 @@ def test_step_benchmark_runs():
         torch.set_num_threads(threads)
     assert [r["variant"] for r in rows] == ["unet", "text-encoder", "prior"]
     assert rows[0]["trained_parameters"] == 9984 and all(r["median_s_per_step"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_is_diffusers_training_loss(tmp_path, prediction_type):
+    """diffusion_loss equals the loss diffusers' training scripts compute: x_t from the scheduler's add_noise,
+    target ε, or the scheduler's get_velocity for v-prediction."""
+    from diffusers import DDIMScheduler
+
+    folder = build_tiny_sd(tmp_path / "sd", prediction_type=prediction_type)
+    prior = StableDiffusionPrior(model=str(folder), device="cpu")
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.tensor([5, 400, 990])
+    emb = prior.text_embeddings([PROMPT] * 3)
+    with torch.no_grad():
+        ours = personalize.diffusion_loss(prior, latents, emb, t, noise)
+        x_t = scheduler.add_noise(latents, noise, t)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        want = (prior.unet(x_t, t, encoder_hidden_states=emb).sample - target).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_training_images_follow_nerfstudios_split(tiny_scene, tmp_path):
+    """transforms.json frames sorted by name, nerfstudio's 90 % split (or its train_filenames); a plain
+    folder's images all."""
+    frames = sorted(
+        tiny_scene / f["file_path"]
+        for f in json.loads((tiny_scene / "transforms.json").read_text())["frames"]
+    )
+    train = personalize.training_images(tiny_scene)
+    assert (
+        len(train) == 11 and set(train) <= set(frames) and train[0] == frames[0] and train[-1] == frames[-1]
+    )
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    meta = json.loads((tiny_scene / "transforms.json").read_text())
+    meta["frames"] = [{**f, "file_path": str(tiny_scene / f["file_path"])} for f in meta["frames"]]
+    meta["train_filenames"] = [meta["frames"][3]["file_path"], meta["frames"][0]["file_path"]]
+    (scene / "transforms.json").write_text(json.dumps(meta))
+    assert personalize.training_images(scene) == sorted(Path(p) for p in meta["train_filenames"])
+    assert len(personalize.training_images(tiny_scene / "images")) == 12
+
+
+def test_a_run_stopped_while_generating_class_images_resumes(tiny_scene, tiny_sd, tmp_path, monkeypatch):
+    """Ctrl-C while the class images are generated keeps those written (exit 130); the folder is then only
+    continued with --resume, which generates the rest and trains."""
+    import importlib
+
+    sdedit_module = importlib.import_module("nerfstudio_distill.guidance.sdedit")
+    out = tmp_path / "lora"
+    extra = ["--class-prompt", "a photo of a ball", "--num-class-images", "3", "--class-sampling-steps", "2"]
+    real_sdedit, real_generate, calls = sdedit_module.sdedit, personalize.generate_class_images, []
+
+    def stop_at_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_sdedit(*args, **kwargs)
+
+    monkeypatch.setattr(sdedit_module, "sdedit", stop_at_second)
+    monkeypatch.setattr(  # one image per batch: the first is written, the second is stopped
+        personalize,
+        "generate_class_images",
+        lambda prior, args, folder: real_generate(prior, args, folder, batch=1),
+    )
+    with pytest.raises(SystemExit) as stop:
+        run(monkeypatch, cli(tiny_scene, tiny_sd, out, *extra, "--steps", "2"))
+    assert stop.value.code == 130
+    assert [p.name for p in (out / personalize.CLASS_FOLDER).iterdir()] == ["class_0000.png"]
+    with pytest.raises(SystemExit) as stop:
+        run(monkeypatch, cli(tiny_scene, tiny_sd, out, *extra, "--steps", "2"))
+    assert_error_line(stop.value.code, "stopped before training", "--resume")
+    run(monkeypatch, cli(tiny_scene, tiny_sd, out, *extra, "--steps", "2", "--resume"))
+    assert len(list((out / personalize.CLASS_FOLDER).glob("*.png"))) == 3
+    assert json.loads((out / CONFIG_FILE).read_text())["class_images"] == 3

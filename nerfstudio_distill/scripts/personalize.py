@@ -72,8 +72,9 @@ no split."""
 FIXED_SET = (4, (100, 300, 500, 700, 900))
 """The fixed evaluation set whose loss is recorded at the start and the end: up to this many training
 images (centre crops) at these timesteps, with noise from ``--seed``."""
-RESUMABLE = ("steps", "save_every", "resume", "device", "dtype")
-"""Options that may change when a run is resumed; every other option must be the run's own."""
+RESUMABLE = ("steps", "save_every", "resume", "device", "dtype", "output_dir")
+"""Options that may change when a run is resumed (the folder may have moved); every other option must be the
+run's own."""
 
 
 @dataclass
@@ -365,6 +366,13 @@ def previous_run(args: PersonalizeArgs) -> dict[str, Any] | None:
     if not out.is_dir() or not any(out.iterdir()):
         return None
     record_file = out / CONFIG_FILE
+    if [p.name for p in out.iterdir()] == [CLASS_FOLDER] and not record_file.exists():
+        if args.resume:  # stopped while generating class images: generate the rest, then train
+            return None
+        raise PersonalizeError(
+            f"--output-dir {out} holds the class images of a run stopped before training: pass --resume to go on, "
+            "or choose a new --output-dir"
+        )
     if not record_file.is_file():
         raise PersonalizeError(
             f"--output-dir {out} is not empty and holds no ns-distill-personalize run: choose a new or empty folder"
@@ -474,7 +482,12 @@ def main(args: PersonalizeArgs) -> dict[str, Any]:
     out = Path(args.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if args.class_prompt.strip() and args.class_images is None:
-        class_paths = generate_class_images(prior, args, out / CLASS_FOLDER)
+        try:
+            class_paths = generate_class_images(prior, args, out / CLASS_FOLDER)
+        except KeyboardInterrupt:
+            print(f"stopped while generating class images into {out / CLASS_FOLDER}: those written are kept; "
+                  "continue with the same options and --resume", file=sys.stderr)  # fmt: skip
+            raise SystemExit(130) from None
     class_images = load_images(class_paths, args.resolution, "--class-images") if class_paths else []
 
     specs = {"unet": LoraSpec(args.rank, args.alpha, UNET_TARGETS)}
