@@ -50,18 +50,19 @@ def randomise(params: list[torch.nn.Parameter], seed: int = 0) -> None:
             p.copy_(0.3 * torch.randn(p.shape, generator=generator))
 
 
-def merged(unet: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
+def merged(unet: torch.nn.Module, scale: float = 1.0, names: tuple[str, ...] = (ADAPTER,)) -> torch.nn.Module:
     """A plain copy of the base UNet with each adapted layer's weight replaced by W + s·(α/r)·B A (LoRA,
-    Hu et al. 2022, Eq. 3), written out from the adapter's own A, B, r and α."""
+    Hu et al. 2022, Eq. 3) summed over the adapters ``names``, written out from each adapter's A, B, r and α."""
     plain = tiny_components()["unet"]
     base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
     plain.load_state_dict(base)
     modules = dict(plain.named_modules())
-    for path, layer in lora_layers(unet).items():
-        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        alpha, rank = layer.lora_alpha[ADAPTER], layer.r[ADAPTER]
-        with torch.no_grad():
-            modules[path].weight += scale * (alpha / rank) * (b @ a)
+    for name in names:
+        for path, layer in lora_layers(unet, name).items():
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            alpha, rank = layer.lora_alpha[name], layer.r[name]
+            with torch.no_grad():
+                modules[path].weight += scale * (alpha / rank) * (b @ a)
     return plain
 
 
@@ -103,6 +104,27 @@ def test_adapter_equals_merged_weights_and_scale_zero_equals_base():
     set_lora_enabled(unet, False)
     set_lora_enabled(unet, True)
     assert not any(p.requires_grad for p in unet.parameters())
+
+
+def test_a_second_adapter_keeps_the_first_on_and_frozen():
+    """VSD adding its own adapter to a personalised UNet: both act (the sum of their updates), the first stays
+    frozen, and lora_scale(net, 0, name) switches off one of them."""
+    unet = tiny_components()["unet"].eval()
+    first = add_lora(unet, LoraSpec(rank=4), seed=0)
+    randomise(first, 0)
+    for p in first:
+        p.requires_grad_(False)
+    second = add_lora(unet, LoraSpec(rank=2, alpha=4.0), name="vsd", seed=1)
+    randomise(second, 1)
+    assert not any(p.requires_grad for p in first) and all(p.requires_grad for p in second)
+    x, t, emb = unet_inputs()
+    with torch.no_grad():
+        both = merged(unet, names=(ADAPTER, "vsd"))(x, t, emb).sample
+        torch.testing.assert_close(unet(x, t, emb).sample, both, rtol=1e-4, atol=1e-5)
+        with lora_scale(unet, 0.0, "vsd"):
+            torch.testing.assert_close(
+                unet(x, t, emb).sample, merged(unet)(x, t, emb).sample, rtol=1e-4, atol=1e-5
+            )
 
 
 def adapter_folder(folder: Path, seed: int = 0, rank: int = 4, **unet_changes) -> Path:

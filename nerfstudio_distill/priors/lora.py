@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,23 +105,36 @@ def add_lora(
     seed: int | None = None,
 ) -> list[nn.Parameter]:
     """Add a fresh adapter ``name`` (B = 0: ``net`` computes what it did) to the layers of ``net`` named by
-    ``spec.targets``, IN PLACE, and return its parameters (A and B of each layer, trainable, in ``dtype``;
-    the base weights stay as they were). A's random start is drawn from ``seed`` (None: torch's global
+    ``spec.targets``, IN PLACE, and return its parameters (A and B of each layer, trainable, in ``dtype``).
+    The base weights are frozen; adapters added before stay active, trainable or not as they were. A's random start is drawn from ``seed`` (None: torch's global
     generator; with a seed the global generator is left as it was). Raises :class:`PriorLoadError` if no
     layer matches."""
     peft = import_peft()
     if lora_layers(net, name):
         raise PriorLoadError(f"{type(net).__name__} already has a LoRA adapter {name!r}: add it once")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters_before = {p: p.requires_grad for n, p in net.named_parameters() if ".lora_" in n}
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            peft.inject_adapter_in_model(spec.peft_config(), net, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns that a second adapter's config replaces the first's
+                warnings.filterwarnings("ignore", message=".*peft_config.*")
+                peft.inject_adapter_in_model(spec.peft_config(), net, adapter_name=name)
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise PriorLoadError(
             f"no layer of the {type(net).__name__} is named {', '.join(spec.targets)} ({one_line(e, 100)}): "
             "adapters fit only the network kind they were made for"
         ) from e
+    # peft makes the newest adapter the only active one; keep every adapter of the network on (a scene's
+    # personalisation stays on when VSD adds its own). The base weights are frozen, and earlier adapters
+    # train (or not) as before.
+    for module in net.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(list(module.lora_A.keys()))
+    for n, p in net.named_parameters():
+        p.requires_grad_(adapters_before.get(p, False) if ".lora_" in n else False)
     params = []
     for layer in lora_layers(net, name).values():
         for part in (layer.lora_A[name], layer.lora_B[name]):
@@ -176,7 +190,8 @@ def set_lora_enabled(net: nn.Module, enabled: bool) -> None:
 
 @contextlib.contextmanager
 def lora_disabled(net: nn.Module) -> Iterator[None]:
-    """Run the block with the adapters of ``net`` off (the base network), then switch them on again."""
+    """Run the block with every adapter of ``net`` off (the base network), then switch them on again. To
+    switch off one adapter of several, use ``lora_scale(net, 0, name)``."""
     set_lora_enabled(net, False)
     try:
         yield
@@ -348,12 +363,12 @@ def load_lora(
     for key, state in lora.states.items():
         net = nets[key]
         own = dtype or next(net.parameters()).dtype
-        add_lora(net, lora.specs[key], name, dtype=own)
+        params = add_lora(net, lora.specs[key], name, dtype=own)
         result = set_peft_model_state_dict(net, state, adapter_name=name)
         unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
         if unexpected:  # cannot happen after check_fits; kept so a peft change fails loudly, not silently
             raise PriorLoadError(f"{flag} {lora.folder}: peft did not take {unexpected[0]}")
-        for p in net.parameters():
+        for p in params:  # loaded adapters are frozen
             p.requires_grad_(False)
         set_lora_scale(net, scale, name)
     return lora.record
