@@ -489,9 +489,12 @@ def test_distill_2d_takes_the_adapters(tiny_sd, tiny_scene, tmp_path, monkeypatc
 def test_step_benchmark_runs():
     """benchmarks/personalize_step.py builds its priors and times train_step (a smoke test; no timing is
     asserted)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import personalize_step
+    import importlib.util
 
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "personalize_step.py"
+    spec = importlib.util.spec_from_file_location("personalize_step_benchmark", script)
+    personalize_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(personalize_step)
     threads = torch.get_num_threads()
     try:
         rows = personalize_step.main(["--sizes", "tiny16", "--warmup", "0", "--repeats", "1", "--json"])
