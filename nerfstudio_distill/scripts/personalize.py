@@ -517,6 +517,11 @@ def main(args: PersonalizeArgs) -> dict[str, Any]:
         for key, net in nets.items():  # the adapters as saved
             set_peft_model_state_dict(net, load_file(str(out / WEIGHT_FILES[key])), adapter_name=ADAPTER)
         start, extra = load_state(out / STATE_FILE, optimizer, generator)
+        if start != int(record["step"]):  # stopped between writing the adapters and the state
+            raise PersonalizeError(
+                f"--resume: {out} holds adapters of step {record['step']} but a training state of step {start} "
+                "(it was stopped while saving); choose a new --output-dir"
+            )
         print(f"resuming {out} at step {start} of {args.steps}", file=sys.stderr)
     else:
         extra = {"fixed_loss_start": fixed_loss(prior, fixed_latents, args.prompt, args.seed)}
@@ -551,7 +556,7 @@ def main(args: PersonalizeArgs) -> dict[str, Any]:
             if not math.isfinite(loss):
                 raise PersonalizeError(
                     f"the loss became {loss} at step {step}: lower --lr (now {args.lr:g}) or use --dtype fp32; "
-                    f"the adapters of the last save are kept in {out}"
+                    f"the adapters of the last save, if any, are kept in {out}"
                 )
             losses.append(loss)
             done = step + 1
