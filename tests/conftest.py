@@ -115,6 +115,9 @@ TINY_FIELD_SETTINGS = dict(
 )
 """A tiny nerfacto field with few samples per ray, as model-config fields (tests building configs in Python)."""
 
+TINY_SPLAT_SETTINGS = dict(random_init=True, num_random=300, random_scale=1.0, sh_degree=1)
+"""A few random Gaussians of SH degree 1, as splatfacto model-config fields."""
+
 TINY_FIELD = [
     "--pipeline.model.hidden-dim", "16",
     "--pipeline.model.hidden-dim-color", "16",

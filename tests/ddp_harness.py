@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import TINY_FIELD_SETTINGS
+from tests.conftest import TINY_FIELD_SETTINGS, TINY_SPLAT_SETTINGS
 
 
 def spawn(worker: Callable[..., None], world_size: int, folder: Path, *args: Any) -> None:
@@ -64,7 +64,7 @@ def train_worker(rank: int, world_size: int, folder: Path, configs: list) -> Non
         state = {k: v.detach().clone() for k, v in trainer.pipeline.model.state_dict().items()}
         result = {"state": state, "t": ts}
         data = trainer.pipeline.datamanager
-        if hasattr(data, "source_images"):  # an edit
+        if hasattr(data, "train_image_dataloader") and hasattr(data, "source_images"):  # a nerfacto edit
             batch = data.train_image_dataloader.cached_collated_batch
             views = range(data.num_train_views)
             result["images"] = torch.stack([batch["image"][data._position[v]][..., :3] for v in views])
@@ -97,14 +97,16 @@ def tiny_edit(
     method: str = "pds-edit",
     seed: int = 0,
 ):
-    """``ns-train pds-edit`` (or ``in2n-edit``: one update per step, 2 DDIM steps) with tests/conftest.py's
-    CPU flags and tiny field, from a random field (no --load-dir), the exact prior of ``prior_folder``, and
-    the given chunk size (below 2304 = 48 x 48 rays: the two-pass backward)."""
-    from method_configs.guided_edits import pds_edit
+    """``ns-train pds-edit`` (or ``in2n-edit``: one update per step, 2 DDIM steps; or ``pds-splatfacto``: 300
+    random Gaussians of SH degree 1) with tests/conftest.py's CPU flags and tiny field, from a random field
+    (no --load-dir), the exact prior of ``prior_folder``, and the given chunk size (below 2304 = 48 x 48
+    rays: the two-pass backward)."""
+    from method_configs.guided_edits import pds_edit, pds_splatfacto
     from method_configs.in2n_edit import in2n_edit
     from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
 
-    config = copy.deepcopy({"pds-edit": pds_edit, "in2n-edit": in2n_edit}[method].config)
+    methods = {"pds-edit": pds_edit, "in2n-edit": in2n_edit, "pds-splatfacto": pds_splatfacto}
+    config = copy.deepcopy(methods[method].config)
     config.machine.device_type = "cpu"
     config.machine.seed = seed
     config.vis = "tensorboard"
@@ -114,7 +116,8 @@ def tiny_edit(
     config.steps_per_save = config.steps_per_eval_batch = config.steps_per_eval_image = 10**6
     config.data = scene
     config.pipeline.datamanager.data = scene
-    config.pipeline.model = dataclasses.replace(config.pipeline.model, **TINY_FIELD_SETTINGS)
+    tiny = TINY_SPLAT_SETTINGS if method == "pds-splatfacto" else TINY_FIELD_SETTINGS
+    config.pipeline.model = dataclasses.replace(config.pipeline.model, **tiny)
     config.pipeline = dataclasses.replace(
         config.pipeline,
         target_prompt="a blue striped ball",

@@ -103,6 +103,7 @@ RUNS = {
     "one-pass": dict(chunk_size=1 << 14),
     "two-pass": dict(chunk_size=1000),
     "in2n": dict(method="in2n-edit"),
+    "splats": dict(method="pds-splatfacto"),
 }
 """The runs of :func:`ddp_runs` (a view has 48 x 48 = 2304 rays: a chunk of 1000 is the two-pass backward)."""
 
@@ -134,11 +135,12 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wh
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["one-pass", "two-pass"])
+@pytest.mark.parametrize("run", ["one-pass", "two-pass", "splats"])
 def test_two_processes_train_one_field_on_the_average_of_their_views(ddp_runs, tmp_path, run):
-    """pds-edit in 2 gloo processes, with the one-pass backward and with the two-pass chunked one: the
-    ranks draw different t (and views), end with identical fields, and these equal a single process that
-    averages the same two ranks' gradients."""
+    """pds-edit in 2 gloo processes, with the one-pass backward and with the two-pass chunked one, and
+    pds-splatfacto (whole-view renders, Gaussians kept in number): the ranks draw different t (and views),
+    end with identical scenes, and these equal a single process that averages the same two ranks'
+    gradients."""
     config, ranks = ddp_runs[run]
     assert len(ranks[0]["t"]) == 3 and ranks[0]["t"] != ranks[1]["t"]
     assert_same_state(ranks[0]["state"], ranks[1]["state"], run)

@@ -22,6 +22,7 @@ from nerfstudio_distill.pipelines.edit import check_state_matches
 from nerfstudio_distill.pipelines.trainer import DistillError, check_load_dir
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
 from tests.conftest import (
+    TINY_SPLAT_SETTINGS,
     assert_error_line,
     ns_export,
     ns_export_main,
@@ -31,7 +32,6 @@ from tests.conftest import (
 )
 from tests.test_edit import SOURCE, TARGET, fake_run, one_line
 
-TINY_SPLATS = dict(random_init=True, num_random=300, random_scale=1.0, sh_degree=1)
 """A few hundred Gaussians of SH degree 1 (the base's are loaded over them in the CLI runs)."""
 
 
@@ -39,7 +39,7 @@ def splat_config(scene: Path, prior_folder: Path, **changes):
     """pds-splatfacto's pipeline config on ``scene`` with the exact prior (as ns-train builds it)."""
     config = copy.deepcopy(pds_splatfacto.config.pipeline)
     config.datamanager.dataparser.data = scene
-    config.model = dataclasses.replace(config.model, **TINY_SPLATS)
+    config.model = dataclasses.replace(config.model, **TINY_SPLAT_SETTINGS)
     config.target_prompt, config.source_prompt = TARGET, SOURCE
     config.prior = PriorConfig(kind="exact", exact=ExactPriorConfig(folder=prior_folder))
     config.prior_resolution = None
@@ -195,15 +195,20 @@ def test_a_nerfacto_edit_refuses_a_splatfacto_base_in_one_line(tmp_path, tiny_sc
     one_line(err, "is a splatfacto run", "pds-edit starts from a nerfacto run")
 
 
-def test_several_gpus_are_refused_in_one_line(tiny_scene, prior_folder):
+def test_several_gpus_refuse_only_a_densifying_splat_edit(tiny_scene, prior_folder):
+    """The guidance stage keeps the Gaussians in number (ranks stay equal: tests/test_distributed.py); a
+    refinement stage or dataset update would densify by each rank's own gradients: one line."""
     from nerfstudio_distill.pipelines.edit import check_edit
 
     config = splat_trainer_config(None, tiny_scene)
     config.pipeline = splat_config(tiny_scene, prior_folder)
     config.machine.num_devices = 2
-    with pytest.raises(DistillError) as err:
-        check_edit(config.pipeline, config)
-    one_line(err, "--machine.num-devices 2", "pass --machine.num-devices 1")
+    check_edit(config.pipeline, config)
+    for changes in (dict(refine_steps=10), dict(mode="dataset-update")):
+        config.pipeline = splat_config(tiny_scene, prior_folder, **changes)
+        with pytest.raises(DistillError) as err:
+            check_edit(config.pipeline, config)
+        one_line(err, "--machine.num-devices 2", "--pipeline.refine-steps 0", "--machine.num-devices 1")
 
 
 # ---------------------------------------------------------------- densification

@@ -529,11 +529,14 @@ def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
         )
     config.prior.check()
     check_model_numbers(config.model)
-    if isinstance(config.model, SplatfactoModelConfig) and trainer.machine.num_devices > 1:
-        # every rank would densify its own way (its own 2D gradients) and the Gaussian sets would part
+    densifies = config.mode == "dataset-update" or config.refine_steps > 0
+    if isinstance(config.model, SplatfactoModelConfig) and densifies and trainer.machine.num_devices > 1:
+        # the guidance stage keeps the Gaussians in number, so its averaged gradients keep the ranks equal;
+        # splatfacto's densification would split and prune by each rank's own 2D gradients
         raise DistillError(
-            f"--machine.num-devices {trainer.machine.num_devices}: the Gaussian-splat edits run in one "
-            "process (their densification is not shared between GPUs): pass --machine.num-devices 1"
+            f"--machine.num-devices {trainer.machine.num_devices}: a Gaussian-splat edit densifies in its "
+            "refinement stage, which is not shared between GPUs: pass --pipeline.refine-steps 0, or "
+            "--machine.num-devices 1"
         )
     flag = "--pipeline."
     for name, value in [("render_scale", config.render_scale), ("guidance_weight", config.guidance_weight)]:
