@@ -23,7 +23,7 @@ from nerfstudio_distill.pipelines.text_to_3d import (
     view_name,
 )
 from nerfstudio_distill.pipelines.trainer import DistillError
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Condition, Prior, camera_condition
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
 from tests.conftest import (
     CPU_NERFACTO,
@@ -172,6 +172,57 @@ def test_step_moves_the_field_with_view_prompts(pipeline):
     assert {"guidance", "interlevel_loss", "distortion_loss", "orientation_loss", "opacity_loss"} <= set(
         losses
     )
+
+
+@pytest.mark.parametrize("method", ["sds", "sdi"])
+def test_a_prior_that_takes_cameras_gets_each_views_c2w(prior_set, monkeypatch, method):
+    """Every prior call of a step (SDI's inversion too) carries the rendered views' cameras, encoded by
+    camera_condition, with the prompt of each view; one prior call per view prompt and network step."""
+    pipe = t2d_config(prior_set, method=method, datamanager=cameras(num_views=4)).setup(
+        device="cpu", test_mode="val"
+    )
+    pipe.start_edit(0, 10)
+    prior, drawn, seen = pipe.prior, [], []
+    sample_views, predict_noise = pipe.datamanager.sample_views, prior.predict_noise
+
+    def record_views(*args, **kwargs):
+        drawn.append(sample_views(*args, **kwargs))
+        return drawn[-1]
+
+    def record_conditions(x_t, t, conditions, guidance_scale=None):
+        seen.extend(conditions)
+        return predict_noise(x_t, t, [c.prompt for c in conditions], guidance_scale)
+
+    monkeypatch.setattr(pipe.datamanager, "sample_views", record_views)
+    monkeypatch.setattr(prior, "predict_noise", record_conditions)
+    monkeypatch.setattr(prior, "takes_camera", True)
+    pipe.get_train_loss_dict(step=2)
+    (views,) = drawn
+    prompts = pipe.prompts_of(views, RED)
+    expected = camera_condition(views.cameras.camera_to_worlds)
+    assert expected.shape == (4, 12)
+    calls_per_prompt = 1 + (2 if method == "sdi" else 0)  # SDI: 2 inversion steps, then the ε̂ at t
+    assert len(seen) == calls_per_prompt * len(set(prompts))
+    for condition in seen:
+        assert isinstance(condition, Condition)
+        index = [i for i, p in enumerate(prompts) if p == condition.prompt]
+        torch.testing.assert_close(condition.camera, expected[index], rtol=0, atol=0)
+    torch.testing.assert_close(
+        expected[0].reshape(3, 4), views.cameras.camera_to_worlds[0, :3, :4].float(), rtol=0, atol=0
+    )
+
+
+def test_a_prior_without_cameras_gets_the_prompt_alone(pipeline, monkeypatch):
+    seen = []
+    predict_noise = pipeline.prior.predict_noise
+
+    def record(x_t, t, conditions, guidance_scale=None):
+        seen.extend(conditions)
+        return predict_noise(x_t, t, conditions, guidance_scale)
+
+    monkeypatch.setattr(pipeline.prior, "predict_noise", record)
+    pipeline.get_train_loss_dict(step=0)
+    assert seen and all(isinstance(c, str) for c in seen)
 
 
 def test_sdi_step(prior_set):

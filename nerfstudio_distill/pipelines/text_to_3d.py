@@ -4,8 +4,9 @@ One pipeline serves ``sds-nerfacto`` and ``sdi-nerfacto``; only ``guidance.metho
 draws ``num_views`` random cameras (:mod:`nerfstudio_distill.data.random_cameras`), renders them with
 gradients at the scheduled resolution, each with its own shading and background
 (:mod:`nerfstudio_distill.models.text_to_3d`), and asks the guidance for the gradient on the renders
-under the view-dependent prompt of each camera ("<prompt>, front view", side, back or overhead). Views
-that share a prompt share one guidance call. Large renders go through the two-pass chunked backward of
+under the view-dependent prompt of each camera ("<prompt>, front view", side, back or overhead), and,
+for a prior that takes cameras, each view's camera (:func:`~nerfstudio_distill.priors.base.camera_condition`).
+Views that share a prompt share one guidance call. Large renders go through the two-pass chunked backward of
 :mod:`nerfstudio_distill.pipelines.common`.
 
 As in the edit pipeline, the prior is built only when training (never by ``ns-export``/``ns-viewer``)
@@ -43,7 +44,7 @@ from nerfstudio_distill.pipelines.common import (
     live_prompt,
     render_in_chunks,
 )
-from nerfstudio_distill.priors.base import Prior
+from nerfstudio_distill.priors.base import Condition, Prior, camera_condition
 from nerfstudio_distill.priors.config import PriorConfig
 
 VIEWS = ("front", "side", "back", "overhead")
@@ -181,6 +182,15 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             for e, a in zip(views.elevation, views.azimuth, strict=True)
         ]
 
+    def view_condition(self, prompt: str, c2w: Float[Tensor, "b 3 4"]) -> str | Condition:
+        """What the prior is conditioned on for views rendered from ``c2w`` under ``prompt``: with a prior
+        that takes cameras (:attr:`Prior.takes_camera`, e.g. an exact prior whose set has cameras)
+        ``Condition(prompt, camera=camera_condition(c2w))``, one camera per view; else the prompt alone,
+        so priors without a camera input (Stable Diffusion) get exactly what they got before."""
+        if not self.prior.takes_camera:
+            return prompt
+        return Condition(prompt, camera=camera_condition(c2w))
+
     # --------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
         self._sync_viewer_inputs(self.Distillation)
@@ -206,6 +216,7 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             self.prior, panel.prompt.value, self._prompt, lambda p: [view_prompt(p, v) for v in self._views]
         )
         prompts = self.prompts_of(views, self._prompt)
+        c2w = views.cameras.camera_to_worlds
         progress = 0.0 if self._num_steps is None else min(max(step / self._num_steps, 0.0), 1.0)
 
         def guide(latents: Tensor, outputs: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
@@ -213,7 +224,8 @@ class TextTo3DPipeline(TrainingPrior, VanillaPipeline):
             loss, grads, ts = torch.zeros((), device=rays.origins.device), [], []
             for p in dict.fromkeys(prompts):
                 index = torch.tensor([i for i, q in enumerate(prompts) if q == p])
-                out = self.guidance(self.prior, latents[index], p, progress=progress, generator=rng)
+                condition = self.view_condition(p, c2w[index])
+                out = self.guidance(self.prior, latents[index], condition, progress=progress, generator=rng)
                 loss = loss + out.loss.to(rays.origins.device)
                 grads.append(out.grad)
                 ts.append(out.t)

@@ -11,7 +11,8 @@ Conventions
   element.
 - Each group of a call has a :class:`Condition`: its text, and optionally an image (latents of a
   conditioning image, which an image-conditioned prior such as InstructPix2Pix concatenates to the
-  network input's channels) and a camera. A plain string is the text-only condition.
+  network input's channels) and a camera (:func:`camera_condition`: the camera-to-world matrix, one
+  encoding for all priors). A plain string is the text-only condition.
 - Classifier-free guidance is a :class:`CFG`: a list of :class:`Branch` es, each keeping some parts of
   the condition and dropping the rest. Two-branch text CFG and InstructPix2Pix's three-branch CFG are
   the same code. A dropped text is the empty prompt ``""``. A bare scale means the prior's own CFG at
@@ -38,6 +39,7 @@ __all__ = [
     "Condition",
     "Prior",
     "PriorInputError",
+    "camera_condition",
     "classifier_free_guidance",
     "instruction_conditions",
     "scaled_linear_betas",
@@ -62,8 +64,25 @@ class Condition:
     prior expects them (InstructPix2Pix: the VAE latents of the source view, concatenated to x_t's
     channels). None: no image condition."""
     camera: Float[Tensor, "b D"] | None = None
-    """A camera per batch element (b = B) or one for all (b = 1), in the prior's own encoding. None: no
-    camera condition."""
+    """A camera per batch element (b = B) or one for all (b = 1), encoded by :func:`camera_condition` (one
+    encoding for every prior: the camera-to-world matrix in nerfstudio's convention, its top 3 x 4
+    flattened row by row, D = 12). None: no camera condition."""
+
+
+def camera_condition(c2w: Float[Tensor, "B 3 4"] | Float[Tensor, "B 4 4"]) -> Float[Tensor, "B 12"]:
+    """The camera encoding of :attr:`Condition.camera`, shared by every prior and pipeline.
+
+    ``c2w``: camera-to-world matrices in nerfstudio's convention (OpenGL camera axes: the camera looks
+    down its −z, +y up; ``c2w[:, :3, 3]`` is the camera's position in world units), ``B x 3 x 4`` as in
+    ``Cameras.camera_to_worlds``, or ``B x 4 x 4``. Returns ``c2w[:, :3, :4].reshape(B, 12)``: rotation
+    and position, row by row (float32, detached, on ``c2w``'s device).
+    """
+    if c2w.ndim != 3 or c2w.shape[1] not in (3, 4) or c2w.shape[2] != 4:
+        raise PriorInputError(
+            f"camera-to-world matrices must be B x 3 x 4 (or B x 4 x 4), got shape {tuple(c2w.shape)}: "
+            "pass cameras.camera_to_worlds"
+        )
+    return c2w[:, :3, :4].detach().float().reshape(c2w.shape[0], 12)
 
 
 def instruction_conditions(instruction: str, image: Float[Tensor, "b C h w"]) -> tuple[Condition, Condition]:
