@@ -8,8 +8,9 @@ import torch
 from nerfstudio_distill.data.prior_sets import write_exact_prior_set
 from nerfstudio_distill.data.scene import SceneError, load_scene, render, with_attributes
 from nerfstudio_distill.errors import PriorLoadError
-from nerfstudio_distill.priors.base import Condition
+from nerfstudio_distill.priors.base import Condition, camera_condition
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
+from nerfstudio_distill.priors.exact import viewing_directions
 
 
 def test_set_holds_each_variant_from_every_camera(tiny_scene, tmp_path):
@@ -104,3 +105,28 @@ def test_bad_condition_sigma_is_one_line(tiny_scene, tmp_path):
     with pytest.raises(PriorLoadError) as err:
         PriorConfig(kind="exact", exact=ExactPriorConfig(folder=folder)).check()
     assert "\n" not in str(err.value) and '"condition_sigma"' in str(err.value) and "> 0" in str(err.value)
+
+
+def test_set_with_cameras_is_camera_conditioned(tiny_scene, tmp_path):
+    """cameras=True stores each image's camera (the scene's c2w, camera_condition's layout); conditioned on
+    a training camera with a small κ, the posterior mean is the image seen from that camera."""
+    prompts = {"a red ball": [{}], "a plain ball": [{"pattern": "none"}]}
+    plain = write_exact_prior_set(tiny_scene, tmp_path / "plain", prompts)
+    assert not PriorConfig(kind="exact", exact=ExactPriorConfig(folder=plain)).setup().takes_camera
+    folder = write_exact_prior_set(tiny_scene, tmp_path / "set", prompts, cameras=True, camera_sigma=2.0)
+    config = PriorConfig(kind="exact", exact=ExactPriorConfig(folder=folder))
+    assert config.exact.takes_camera
+    config.check()
+    prior = config.setup()
+    assert prior.takes_camera and prior.camera_sigma == 2.0
+    spec, cameras = load_scene(tiny_scene)
+    c2w = torch.from_numpy(cameras.c2w)
+    expected = viewing_directions(camera_condition(c2w).double())
+    torch.testing.assert_close(prior.camera_directions, torch.cat([expected, expected]))  # per prompt
+    truth = torch.from_numpy(render(spec, cameras[2:3])["rgb"])
+    x0 = prior.posterior_mean(
+        torch.randn(1, 3, cameras.height, cameras.width),
+        torch.tensor([999]),
+        Condition("a red ball", camera=camera_condition(c2w[2:3])),
+    )
+    assert (x0[0].permute(1, 2, 0) - truth).abs().max() < 1 / 255 + 1e-6

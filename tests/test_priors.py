@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from nerfstudio_distill.priors import (
     import_diffusers,
     v_to_eps,
 )
-from nerfstudio_distill.priors.base import scaled_linear_betas
+from nerfstudio_distill.priors.base import camera_condition, scaled_linear_betas
+from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
 
 
@@ -419,6 +421,184 @@ def test_exact_from_folders_with_condition_images(tmp_path):
     with pytest.raises(PriorInputError) as e:
         ExactPrior.from_folders({"turn": tmp_path / "after"}, {"other": tmp_path / "before"})
     assert_one_line(e, "every prompt a condition folder")
+
+
+# ------------------------------------------------------------------------ camera-conditioned exact prior
+def cameras_from(directions, radius: float = 4.0) -> torch.Tensor:
+    """camera_condition of cameras at ``radius`` along each direction (the rotation plays no part)."""
+    d = torch.as_tensor(directions, dtype=torch.float64)
+    c2w = torch.eye(4, dtype=torch.float64).repeat(len(d), 1, 1)
+    c2w[:, :3, 3] = radius * d / d.norm(dim=1, keepdim=True)
+    return camera_condition(c2w).double()
+
+
+def camera_set():
+    """Six 2D points, each seen from its own camera on the equator (every 60°), two labels."""
+    g = torch.Generator().manual_seed(5)
+    points = torch.randn(6, 2, generator=g)
+    angles = torch.deg2rad(torch.arange(6) * 60.0)
+    directions = torch.stack([angles.cos(), angles.sin(), torch.zeros(6)], 1)
+    labels = ["front", "front", "side", "side", "side", "front"]
+    return points, cameras_from(directions), labels
+
+
+def brute_force_camera(points, cameras, labels, kappa_deg, acp, x, t, prompt, camera):
+    """ε̂ of ONE x_t under Σ_i N(x_t; √ᾱ μ_i, v) exp(−d(c, c_i)²/2κ²), d by acos of the unit positions;
+    camera None: the plain mixture."""
+    a = float(acp[t])
+    v = 1 - a
+    num, den = 0.0, 0.0
+    for mu, ci, label in zip(points.double(), cameras.double(), labels, strict=True):
+        if prompt not in ("", label):
+            continue
+        weight = math.exp(-float(((x.double() - math.sqrt(a) * mu) ** 2).sum()) / (2 * v))
+        if camera is not None:
+            p, q = camera.double().reshape(3, 4)[:, 3], ci.reshape(3, 4)[:, 3]
+            cos = float(p @ q / (p.norm() * q.norm()))
+            angle = math.acos(max(-1.0, min(1.0, cos)))
+            weight *= math.exp(-(angle**2) / (2 * math.radians(kappa_deg) ** 2))
+        num, den = num + weight * mu, den + weight
+    return math.sqrt(1 - a) * (x.double() - math.sqrt(a) * num / den) / v
+
+
+@pytest.mark.parametrize("prompt", ["", "side"])
+@pytest.mark.parametrize("with_camera", [False, True])
+def test_exact_camera_condition_matches_brute_force(prompt, with_camera):
+    points, cameras, labels = camera_set()
+    prior = ExactPrior(points, labels, cameras=cameras, camera_sigma=40.0)
+    assert prior.takes_camera
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(3, 2, generator=g), torch.tensor([100, 600, 950])
+    views = cameras_from(torch.randn(3, 3, generator=g), radius=3.0).float()  # anywhere, other radius
+    condition = Condition(prompt, camera=views if with_camera else None)
+    eps = prior.predict_noise(x[None], t, [condition], guidance_scale=1.0)[0]
+    for i in range(3):
+        ref = brute_force_camera(
+            points,
+            cameras,
+            labels,
+            40.0,
+            prior.alphas_cumprod.double(),
+            x[i],
+            int(t[i]),
+            prompt,
+            views[i] if with_camera else None,
+        )
+        torch.testing.assert_close(eps[i].double(), ref, rtol=1e-5, atol=1e-5)
+    if with_camera:  # the camera changes ε̂ (else this test could not tell)
+        plain = prior.predict_noise(x[None], t, [prompt], guidance_scale=1.0)[0]
+        assert (eps - plain).abs().max() > 1e-3
+
+
+def test_exact_camera_condition_limits():
+    """κ → ∞: the plain exact prior; κ → 0: the image of the nearest camera alone, at any noise level."""
+    points, cameras, labels = camera_set()
+    x, t = torch.randn(4, 2, generator=torch.Generator().manual_seed(7)), torch.tensor([50, 300, 700, 999])
+    view = cameras_from([[math.cos(0.3), math.sin(0.3), 0.2]]).float()  # nearest: camera 0 (at 0°)
+    plain = ExactPrior(points, labels).predict_noise(x[None], t, [""], 1.0)[0]
+    wide = ExactPrior(points, labels, cameras=cameras, camera_sigma=1e7)
+    torch.testing.assert_close(wide.predict_noise(x[None], t, [Condition("", camera=view)], 1.0)[0], plain)
+    narrow = ExactPrior(points, labels, cameras=cameras, camera_sigma=0.5)
+    x0 = narrow.posterior_mean(x, t, Condition("", camera=view))
+    torch.testing.assert_close(x0, points[0].float().expand(4, 2))
+    near_camera_3 = cameras_from([[math.cos(math.radians(185)), math.sin(math.radians(185)), -0.1]])
+    x0 = narrow.posterior_mean(x, t, Condition("side", camera=near_camera_3.float()))
+    torch.testing.assert_close(x0, points[3].float().expand(4, 2))
+
+
+def test_exact_camera_condition_text_cfg_drops_the_camera_in_one_call(monkeypatch):
+    points, cameras, labels = camera_set()
+    prior = ExactPrior(points, labels, cameras=cameras, camera_sigma=30.0)
+    calls, inner = [], prior._eps
+    monkeypatch.setattr(prior, "_eps", lambda *a, **k: (calls.append(a[0].shape[0]), inner(*a, **k))[1])
+    x, t = torch.randn(1, 2, 2), torch.tensor([300, 700])
+    view = cameras_from([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).float()
+    out = prior.predict_noise(x, t, [Condition("side", camera=view)], guidance_scale=3.0)
+    assert calls == [2 * 2]
+    uncond = inner(x[0], t, prior.embed(["", ""]))
+    cond = inner(x[0], t, prior.embed(["side", "side"]), cameras=list(view))
+    torch.testing.assert_close(out[0], uncond + 3.0 * (cond - uncond))
+
+
+def test_exact_camera_spacing_is_the_default_bandwidth():
+    angles = torch.deg2rad(torch.arange(36) * 10.0)
+    directions = torch.stack([angles.cos(), angles.sin(), torch.zeros(36)], 1)
+    cameras = cameras_from(directions).repeat(2, 1)  # two variants per camera: duplicates do not count
+    prior = ExactPrior(torch.randn(72, 2), ["a"] * 72, cameras=cameras)
+    assert prior.camera_sigma == pytest.approx(10.0, rel=1e-6)
+
+
+def test_exact_camera_condition_errors_are_one_line():
+    points, cameras, labels = camera_set()
+    for kappa in (0.0, -5.0, math.nan, math.inf):
+        with pytest.raises(PriorInputError) as e:
+            ExactPrior(points, labels, cameras=cameras, camera_sigma=kappa)
+        assert_one_line(e, f"camera_sigma is {kappa}", "degrees > 0")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(points, labels, cameras=cameras[:5])
+    assert_one_line(e, "(5, 12) for 6 components", "camera_condition(c2w)")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(points, labels, cameras=cameras_from([[1.0, 0, 0]]).repeat(6, 1))
+    assert_one_line(e, "one direction", "pass camera_sigma")
+    with pytest.raises(PriorInputError) as e:
+        ExactPrior(points, labels, cameras=torch.zeros(6, 12), camera_sigma=10.0)
+    assert_one_line(e, "world origin")
+    prior = ExactPrior(points, labels, cameras=cameras, camera_sigma=10.0)
+    with pytest.raises(PriorInputError) as e:
+        prior.predict_noise(
+            torch.randn(1, 1, 2), torch.tensor([5]), [Condition("side", camera=torch.zeros(1, 16))]
+        )
+    assert_one_line(e, "(16,)", "camera_condition(c2w)")
+
+
+def test_exact_config_reads_a_set_with_cameras(tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "set_00").mkdir()
+    names = [f"set_00/{i}.png" for i in range(3)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).save(tmp_path / name)
+    cams = cameras_from([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    index = {"prompts": {"a ball": "set_00"}, "cameras": "cameras.json"}
+    (tmp_path / "exact_prior.json").write_text(json.dumps(index))
+    (tmp_path / "cameras.json").write_text(
+        json.dumps({n: c.tolist() for n, c in zip(names, cams, strict=True)})
+    )
+    config = PriorConfig(kind="exact", exact=ExactPriorConfig(folder=tmp_path))
+    config.check()
+    prior = config.setup()
+    assert config.exact.takes_camera and prior.takes_camera and prior.camera_sigma == pytest.approx(90.0)
+    torch.testing.assert_close(prior.camera_directions, torch.eye(3, dtype=torch.float64))
+    assert ExactPriorConfig(folder=tmp_path, camera_sigma=7.0).setup().camera_sigma == 7.0
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(PriorLoadError) as e:
+            PriorConfig(kind="exact", exact=ExactPriorConfig(folder=tmp_path, camera_sigma=bad)).check()
+        assert_one_line(e, "--pipeline.prior.exact.camera-sigma", "degrees > 0")
+    (tmp_path / "exact_prior.json").write_text(json.dumps({**index, "camera_sigma": -3}))
+    with pytest.raises(PriorLoadError) as e:
+        config.check()
+    assert_one_line(e, '"camera_sigma" in', "degrees > 0")
+    (tmp_path / "exact_prior.json").write_text(json.dumps(index))
+    (tmp_path / "cameras.json").write_text(
+        json.dumps({n: c.tolist() for n, c in zip(names[:2], cams, strict=False)})
+    )
+    with pytest.raises(PriorLoadError) as e:
+        config.check()
+    assert_one_line(e, "holds 2 cameras but the set has 3 images")
+    (tmp_path / "cameras.json").write_text(
+        json.dumps({n: c.tolist()[:9] for n, c in zip(names, cams, strict=True)})
+    )
+    with pytest.raises(PriorLoadError) as e:
+        config.check()
+    assert_one_line(e, "is not a cameras file", "12-number")
+    renamed = {n.replace(".png", "x.png"): c.tolist() for n, c in zip(names, cams, strict=True)}
+    (tmp_path / "cameras.json").write_text(json.dumps(renamed))
+    with pytest.raises(PriorLoadError) as e:
+        config.setup()
+    assert_one_line(e, "0.png has no camera", "cameras.json")
+    (tmp_path / "cameras.json").unlink()
+    with pytest.raises(PriorLoadError) as e:
+        config.check()
+    assert_one_line(e, "cameras.json not found", "cameras=True")
 
 
 # ----------------------------------------------------------------------------------------- stable diffusion

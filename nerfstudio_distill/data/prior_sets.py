@@ -9,6 +9,10 @@ An image-conditioned set (an exact InstructPix2Pix) also gives, per prompt (then
 "before" object of each variant: ``conditions={"turn the ball blue": [{"colour": "red"}], ...}``. Each
 image's condition, the "before" seen from the same camera, goes to ``out/<n>/condition/`` under the same
 name.
+
+A camera-conditioned set (``cameras=True``, for text to 3D) also stores the camera of every image in
+``out/cameras.json`` (:data:`~nerfstudio_distill.priors.exact.CAMERA_FILE`), listed in the index; the exact
+prior then weighs each image by how near its camera's viewing direction is to the view's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from PIL import Image
 from nerfstudio_distill.data.scene import SceneCameras, SceneSpec, load_scene, render, with_attributes
 from nerfstudio_distill.errors import SceneError
 from nerfstudio_distill.priors.config import EXACT_PRIOR_FILE
+from nerfstudio_distill.priors.exact import CAMERA_FILE
 
 PATTERN_VARIANTS: list[dict[str, Any]] = [
     {},  # the object's own pattern first
@@ -52,6 +57,8 @@ def write_exact_prior_set(
     scale: float = 1.0,
     conditions: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     condition_sigma: float | None = None,
+    cameras: bool = False,
+    camera_sigma: float | None = None,
 ) -> Path:
     """Render each prompt's attribute variants from the scene's cameras; returns ``output_dir``.
 
@@ -66,7 +73,11 @@ def write_exact_prior_set(
         conditions: prompt -> the "before" of each of its variants (same length as ``prompts[prompt]``):
             makes the set image-conditioned; every prompt needs its list.
         condition_sigma: τ of the image condition, stored in the index (None: the prior's default).
+        cameras: also store each image's camera (``cameras.json``): makes the set camera-conditioned.
+        camera_sigma: κ of the camera condition in degrees, stored in the index (None: the set's camera
+            spacing).
     """
+    with_cameras = cameras
     spec, cameras = load_scene(scene_dir)
     if scale != 1.0:
         cameras = dataclasses.replace(
@@ -103,22 +114,41 @@ def write_exact_prior_set(
         index["conditions"] = {}
         if condition_sigma is not None:
             index["condition_sigma"] = condition_sigma
+    camera_of: dict[str, list[float]] = {}
+    if with_cameras:
+        index["cameras"] = CAMERA_FILE
+        if camera_sigma is not None:
+            index["camera_sigma"] = camera_sigma
     for n, (prompt, specs) in enumerate(variants.items()):
         folder = out / f"set_{n:02d}"
         folder.mkdir(parents=True)
         index["prompts"][prompt] = folder.name
-        _write_renders(specs, cameras, folder)
+        for name, camera in _write_renders(specs, cameras, folder).items():
+            camera_of[f"{folder.name}/{name}"] = camera
         if before is not None:
             (folder / "condition").mkdir()
             index["conditions"][prompt] = f"{folder.name}/condition"
             _write_renders(before[prompt], cameras, folder / "condition")
+    if with_cameras:
+        (out / CAMERA_FILE).write_text(json.dumps(camera_of))
     (out / EXACT_PRIOR_FILE).write_text(json.dumps(index, indent=2))
     return out
 
 
-def _write_renders(specs: Sequence[SceneSpec], cameras: SceneCameras, folder: Path) -> None:
-    """``folder/variant<v>_frame<f>.png``: object ``specs[v]`` seen from camera ``f``."""
+def scene_camera_conditions(cameras: SceneCameras) -> list[list[float]]:
+    """Each scene camera in the layout of :func:`~nerfstudio_distill.priors.base.camera_condition`
+    (nerfstudio c2w, top 3 x 4 row by row), in float64, as JSON numbers."""
+    return np.asarray(cameras.c2w, dtype=np.float64)[:, :3, :4].reshape(-1, 12).tolist()
+
+
+def _write_renders(specs: Sequence[SceneSpec], cameras: SceneCameras, folder: Path) -> dict[str, list[float]]:
+    """``folder/variant<v>_frame<f>.png``: object ``specs[v]`` seen from camera ``f``; returns each file's
+    name -> its camera (:func:`scene_camera_conditions`)."""
+    encoded, written = scene_camera_conditions(cameras), {}
     for v, variant in enumerate(specs):
         for f, rgb in enumerate(render(variant, cameras)["rgb"]):
             image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
-            Image.fromarray(image).save(folder / f"variant{v:02d}_frame{f:05d}.png")
+            name = f"variant{v:02d}_frame{f:05d}.png"
+            Image.fromarray(image).save(folder / name)
+            written[name] = encoded[f]
+    return written

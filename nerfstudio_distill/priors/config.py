@@ -21,7 +21,9 @@ from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPriorConfi
 EXACT_PRIOR_FILE = "exact_prior.json"
 """Index of an exact-prior image set: ``{"prompts": {"<prompt>": "<subfolder>", ...}, "sigma": 0.0}``; an
 image-conditioned set adds ``"conditions": {"<prompt>": "<subfolder>", ...}`` (each image's condition image
-under the same file name) and ``"condition_sigma"``."""
+under the same file name) and ``"condition_sigma"``; a camera-conditioned set adds ``"cameras": "cameras.json"``
+(each image's camera, :data:`~nerfstudio_distill.priors.exact.CAMERA_FILE`) and optionally ``"camera_sigma"``
+(degrees)."""
 
 
 @dataclass
@@ -40,6 +42,12 @@ class ExactPriorConfig:
     None: the value in exact_prior.json (else 0.1)."""
     image_guidance_scale: float = 1.0
     """Image-conditioned sets: image CFG scale s_I (1: the exact conditional, no image guidance)."""
+    camera_sigma: float | None = None
+    """Sets with cameras (cameras.json; text to 3D conditions each view on its camera): angular bandwidth κ
+    in degrees. An image counts in proportion to exp(−d²/2κ²), d the angle between the view's and the
+    image's viewing directions (seen from the world origin): small κ keeps only the images seen from near
+    the view, a huge κ ignores the camera. None: "camera_sigma" in exact_prior.json, else the set's camera
+    spacing (the median angle from a camera to its nearest other one)."""
     device: str | None = None
     """Device of the image set; None: the NeRF's device."""
 
@@ -82,6 +90,60 @@ class ExactPriorConfig:
         """prompt -> the folder of its condition images, for an image-conditioned set; None otherwise."""
         return self._index().get("conditions") if self.folder is not None else None
 
+    def cameras(self) -> dict[Path, list[float]] | None:
+        """image file -> its camera (12 numbers), for a set with cameras; None otherwise. One line when the
+        cameras file is missing or unreadable, or its cameras and the set's images differ in number."""
+        from nerfstudio_distill.priors.exact import CAMERA_FILE
+
+        index = self._index() if self.folder is not None else {}
+        if "cameras" not in index:
+            return None
+        file = Path(self.folder) / str(index["cameras"])
+        if not file.is_file():
+            raise PriorLoadError(
+                f"{file} not found, but {Path(self.folder) / EXACT_PRIOR_FILE} lists it as the set's cameras: "
+                f"write the set again with cameras (write_exact_prior_set(..., cameras=True)), or drop "
+                f'"cameras" from the index'
+            )
+        try:
+            raw = json.loads(file.read_text())
+            cameras = {Path(self.folder) / name: [float(x) for x in c] for name, c in raw.items()}
+            if any(len(c) != 12 for c in cameras.values()):
+                raise ValueError
+        except (ValueError, TypeError, AttributeError):
+            raise PriorLoadError(
+                f"{file} is not a cameras file: it must map each image (set_00/<name>.png) to its 12-number "
+                f"camera ({CAMERA_FILE} as write_exact_prior_set writes it)"
+            ) from None
+        images = sum(len(list(folder.glob("*.png"))) for folder in self.folders().values())
+        if len(cameras) != images:
+            raise PriorLoadError(
+                f"{file} holds {len(cameras)} cameras but the set has {images} images: give every image one "
+                "camera (write the set again)"
+            )
+        return cameras
+
+    @property
+    def takes_camera(self) -> bool:
+        """Whether the set has cameras (False when there is no readable set yet: check() says why)."""
+        try:
+            return self.folder is not None and "cameras" in self._index()
+        except PriorLoadError:
+            return False
+
+    def camera_sigma_value(self) -> float | None:
+        """--pipeline.prior.exact.camera-sigma, else the index's "camera_sigma" (None: the set's camera
+        spacing, found when the prior is built); one line if it is not a positive finite angle."""
+        value, where = self.camera_sigma, "--pipeline.prior.exact.camera-sigma"
+        if value is None:
+            value = self._index().get("camera_sigma")
+            where = f'"camera_sigma" in {Path(self.folder) / EXACT_PRIOR_FILE}'
+            if value is None:
+                return None
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise PriorLoadError(f"{where} is {value}: pass a finite angle in degrees > 0")
+        return float(value)
+
     @property
     def takes_image(self) -> bool:
         """Whether the set is image-conditioned (False when there is no readable set yet: check() says why)."""
@@ -119,14 +181,18 @@ class ExactPriorConfig:
     def setup(self, device: str | None = None) -> Prior:
         from nerfstudio_distill.priors.exact import ExactPrior
 
-        conditions = self.condition_folders()
+        conditions, cameras = self.condition_folders(), self.cameras()
         extra = {}
         if conditions is not None:
             extra = dict(
                 condition_sigma=self.sigma_value("condition_sigma"),
                 image_guidance_scale=self.image_guidance_scale,
             )
-        prior = ExactPrior.from_folders(self.folders(), conditions, sigma=self.sigma_value(), **extra)
+        if cameras is not None:
+            extra["camera_sigma"] = self.camera_sigma_value()
+        prior = ExactPrior.from_folders(
+            self.folders(), conditions, cameras=cameras, sigma=self.sigma_value(), **extra
+        )
         return prior.to(self.device or device or "cpu")
 
 
@@ -167,6 +233,9 @@ class PriorConfig:
             self.exact.sigma_value()
             if self.exact.takes_image:
                 self.exact.sigma_value("condition_sigma")
+            if self.exact.takes_camera:
+                self.exact.cameras()
+                self.exact.camera_sigma_value()
 
     def setup(self, device: str | None = None) -> Prior:
         """Build the prior; ``device`` is the NeRF's, used when the prior's own device is unset."""

@@ -13,6 +13,14 @@ Image condition (an exact InstructPix2Pix): when every component also carries a 
 ``c`` multiplies each component's weight by ``N(c; c_i, τ² I)``, so the denoiser favours the pairs whose
 "before" looks like ``c``; a branch that drops the image uses the plain mixture. With the condition equal to
 a set member and a small τ it is that member's pair alone.
+
+Camera condition (for text to 3D): when every component also carries the camera ``c_i`` it was seen from
+(:func:`~nerfstudio_distill.priors.base.camera_condition`), the data is the mixture over (image, camera)
+pairs, with a camera's viewing direction ``u(c)`` (its position seen from the world origin, the object's
+centre) spread around ``u(c_i)`` by an angular bandwidth κ. Conditioning on a view's camera ``c`` multiplies
+each weight by ``exp(−d(c, c_i)² / 2κ²)``, ``d`` the angle between ``u(c)`` and ``u(c_i)``, so only the
+images seen from near the view's direction count: a view prompt pins a camera to a quadrant, a camera to
+about κ. κ → ∞ is the plain mixture, κ → 0 the images of the nearest camera alone.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ from .base import CFG, Condition, Prior, scaled_linear_betas
 EXACT_GUIDANCE_SCALE = 1.0
 """The exact prior's default CFG scale: its conditional score is exact, so CFG > 1 only extrapolates past
 its images (on the edit benchmark, 7.5 wrecked the shape on one seed of three; see the README)."""
+
+CAMERA_FILE = "cameras.json"
+"""A camera-conditioned set's cameras, next to exact_prior.json: ``{"<subfolder>/<image>.png": [12 numbers],
+...}``, one entry per image, each :func:`~nerfstudio_distill.priors.base.camera_condition` of the camera
+the image was seen from (nerfstudio's camera-to-world, top 3 x 4 row by row)."""
 
 EXACT_CONDITION_SIGMA = 0.1
 """Default τ of an image-conditioned exact prior (pixel units in [0, 1]): a condition image whose pixels
@@ -53,6 +66,11 @@ class ExactPrior(Prior):
         condition_sigma: τ, the standard deviation of a condition image around its c_i (pixel units).
         image_guidance_scale: default image CFG scale s_I of an image-conditioned prior (1: the exact
             conditional, no image guidance).
+        cameras: the camera of each component, ``K x 12``
+            (:func:`~nerfstudio_distill.priors.base.camera_condition` of its camera-to-world); makes the
+            prior take a camera condition. None: no camera condition.
+        camera_sigma: κ, the angular bandwidth of the camera condition, in degrees. None: the set's camera
+            spacing (:func:`camera_spacing`, the median angle from a camera to its nearest other one).
         dtype: dtype of the distance computation. float64 by default: at small t the logits are
             differences of large numbers divided by 2·v_t ≈ 2e-3, which float32 resolves poorly. Use
             ``torch.float32`` on devices without float64 (MPS).
@@ -72,6 +90,8 @@ class ExactPrior(Prior):
         conditions: Float[Tensor, " K *shape"] | None = None,
         condition_sigma: float = EXACT_CONDITION_SIGMA,
         image_guidance_scale: float = 1.0,
+        cameras: Float[Tensor, "K 12"] | None = None,
+        camera_sigma: float | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__(scaled_linear_betas() if betas is None else betas, guidance_scale, steps_offset)
@@ -109,6 +129,26 @@ class ExactPrior(Prior):
             self.register_buffer("conditions", conditions, persistent=False)
             self.register_buffer("_cond_sq_norms", conditions.flatten(1).pow(2).sum(1), persistent=False)
         self.takes_image = conditions is not None
+        self.camera_sigma: float | None = None
+        """κ in degrees (None without cameras)."""
+        if cameras is not None:
+            cameras = torch.as_tensor(cameras).detach().to(dtype)
+            if cameras.shape != (points.shape[0], 12):
+                raise PriorInputError(
+                    f"cameras have shape {tuple(cameras.shape)} for {points.shape[0]} components: pass one "
+                    "camera_condition(c2w) per component (K x 12)"
+                )
+            directions = viewing_directions(cameras)
+            if camera_sigma is None:
+                camera_sigma = camera_spacing(directions)
+            if not (math.isfinite(camera_sigma) and camera_sigma > 0):
+                raise PriorInputError(
+                    f"camera_sigma is {camera_sigma}: pass a finite angular bandwidth in degrees > 0 (e.g. the "
+                    "angle between neighbouring cameras of the set)"
+                )
+            self.register_buffer("camera_directions", directions, persistent=False)
+            self.camera_sigma = float(camera_sigma)
+        self.takes_camera = cameras is not None
         self.condition_sigma = float(condition_sigma)
         self.image_guidance_scale = float(image_guidance_scale)
         self.labels = labels
@@ -121,6 +161,7 @@ class ExactPrior(Prior):
         cls,
         folders: Mapping[str, str | Path],
         condition_folders: Mapping[str, str | Path] | None = None,
+        cameras: Mapping[Path, Sequence[float]] | None = None,
         **kwargs,
     ) -> ExactPrior:
         """Build from image folders: ``{"a red ball": "dir1", "a blue ball": "dir2"}``.
@@ -129,6 +170,8 @@ class ExactPrior(Prior):
         its prompt. Images load as float in [0, 1], ``3 x H x W`` (alpha dropped, grey expanded to RGB),
         and must all share one size. ``condition_folders`` (same prompts) make an image-conditioned prior:
         each component's condition image is the PNG of the same name in its prompt's condition folder.
+        ``cameras`` (image file -> its 12-number camera, as in :data:`CAMERA_FILE`) make a camera-conditioned
+        prior; every image needs its camera.
         ``kwargs`` go to the constructor (``sigma``, ``guidance_scale``, ``condition_sigma``, ...).
         """
         from nerfstudio_distill.data.images import read_rgb
@@ -152,6 +195,8 @@ class ExactPrior(Prior):
                 "every prompt a condition folder"
             )
         images, conditions, labels, first = [], [], [], None
+        image_cameras = []
+        by_file = {Path(f).resolve(): c for f, c in cameras.items()} if cameras is not None else None
         for prompt, folder in folders.items():
             folder = Path(folder)
             files = sorted(folder.glob("*.png")) if folder.is_dir() else []
@@ -176,10 +221,19 @@ class ExactPrior(Prior):
                         f"{file} is {image.shape[1]}x{image.shape[2]} but {first[0]} is "
                         f"{first[1][1]}x{first[1][2]}: resize all images to one size"
                     )
+                if by_file is not None:
+                    if file.resolve() not in by_file:
+                        raise PriorLoadError(
+                            f"{file} has no camera: every image of a camera-conditioned set needs one in its "
+                            f"{CAMERA_FILE}"
+                        )
+                    image_cameras.append(torch.as_tensor(by_file[file.resolve()], dtype=torch.float64))
                 images.append(image)
                 labels.append(prompt)
         if conditions:
             kwargs["conditions"] = torch.stack(conditions)
+        if by_file is not None:
+            kwargs["cameras"] = torch.stack(image_cameras)
         return cls(torch.stack(images), labels, **kwargs)
 
     # ------------------------------------------------------------------- images
@@ -246,10 +300,12 @@ class ExactPrior(Prior):
         t: Int[Tensor, " N"],
         masks: Bool[Tensor, "N K"],
         images: Sequence[Tensor | None] | None = None,
+        cameras: Sequence[Tensor | None] | None = None,
     ) -> tuple[Float[Tensor, "N D"], Float[Tensor, "N D"], Float[Tensor, "N 1"], Float[Tensor, "N 1"]]:
         """Flattened x_t, the responsibility-weighted mean m = Σ_i w_i μ_i, ᾱ_t and v_t (all in ``dtype``).
 
-        ``images``: per row, a condition image (or None where the row's branch drops it)."""
+        ``images`` / ``cameras``: per row, a condition image / camera (or None where the row's branch drops
+        it)."""
         mu = self.points.flatten(1)  # K x D
         x = x_t.to(self.device, mu.dtype).flatten(1)  # N x D
         a = self.alphas_cumprod.to(mu.dtype)[t.to(self.device)][:, None]  # N x 1
@@ -260,6 +316,8 @@ class ExactPrior(Prior):
         logits = (2 * a.sqrt() * (x @ mu.T) - a * self._sq_norms) / (2 * v)  # N x K, one matmul
         if images is not None and any(image is not None for image in images):
             logits = logits + self._condition_logits(images, mu.dtype)
+        if cameras is not None and any(camera is not None for camera in cameras):
+            logits = logits + self._camera_logits(cameras, mu.dtype)
         w = torch.softmax(logits.masked_fill(~masks.to(self.device), -math.inf), dim=1)
         return x, w @ mu, a, v
 
@@ -284,14 +342,38 @@ class ExactPrior(Prior):
         logits = (2 * (c.flatten(1) @ cond.T) - self._cond_sq_norms) / (2 * self.condition_sigma**2)
         return logits * keep[:, None]
 
+    def _camera_logits(self, cameras: Sequence[Tensor | None], dtype: torch.dtype) -> Float[Tensor, "N K"]:
+        """−d(c, c_i)² / 2κ² per row and component, d the angle between the viewing directions; 0 on rows
+        without a camera."""
+        if not self.takes_camera:
+            raise PriorInputError(
+                "this exact prior takes no camera condition: write its set with cameras "
+                "(write_exact_prior_set(..., cameras=True)), or drop camera= from the Condition"
+            )
+        bad = [tuple(c.shape) for c in cameras if c is not None and tuple(c.shape) != (12,)]
+        if bad:
+            raise PriorInputError(
+                f"the camera condition has shape {bad[0]} per view: encode cameras with "
+                "camera_condition(c2w) (12 numbers per view)"
+            )
+        keep = torch.tensor([c is not None for c in cameras], device=self.device)
+        c = torch.stack(
+            [self.camera_directions.new_tensor(0).expand(12) if c is None else c for c in cameras]
+        )
+        u = viewing_directions(c.to(self.device, dtype), allow_origin=True)  # N x 3
+        angle = angle_between(u, self.camera_directions.to(dtype))  # N x K, radians
+        logits = -(angle**2) / (2 * math.radians(self.camera_sigma) ** 2)
+        return logits * keep[:, None]
+
     def _eps(
         self,
         x_t: Float[Tensor, " N *shape"],
         t: Int[Tensor, " N"],
         conds: Sequence[Tensor],
         images: Sequence[Tensor | None] | None = None,
+        cameras: Sequence[Tensor | None] | None = None,
     ) -> Float[Tensor, " N *shape"]:
-        x, m, a, v = self._mixture(x_t, t, torch.stack(list(conds)), images)
+        x, m, a, v = self._mixture(x_t, t, torch.stack(list(conds)), images, cameras)
         # ε̂ = E[ε | x_t] = (x_t − √ᾱ_t E[x_0 | x_t]) / √(1−ᾱ_t)  (Ho et al. 2020, Eq. 4, in expectation);
         # with E[x_0 | x_t] from `posterior_mean` this simplifies to √(1−ᾱ_t) (x_t − √ᾱ_t Σ_i w_i μ_i) / v_t.
         eps = (1 - a).sqrt() * (x - a.sqrt() * m) / v
@@ -301,17 +383,58 @@ class ExactPrior(Prior):
         self, x_t: Float[Tensor, " B *shape"], t: Int[Tensor, " B"], prompt: str | Condition = ""
     ) -> Float[Tensor, " B *shape"]:
         """E[x_0 | x_t, y] (float32, on ``x_t``'s device) for a batch sharing one prompt (a
-        :class:`Condition` with an image: E[x_0 | x_t, y, c])."""
+        :class:`Condition` with an image or a camera: E[x_0 | x_t, y, c])."""
         condition = prompt if isinstance(prompt, Condition) else Condition(prompt)
         batch = x_t.shape[0]
         t = self.check_timesteps(t).to(self.device).expand(batch)
         mask = self.embed([condition.prompt])[0]
-        images = None
-        if condition.image is not None:
-            images = self._row_conditions([condition], batch)["images"]
+        extra = self._row_conditions([condition], batch)
         with torch.no_grad():
-            x, m, a, v = self._mixture(x_t, t, mask[None].expand(batch, -1), images)
+            x, m, a, v = self._mixture(
+                x_t, t, mask[None].expand(batch, -1), extra.get("images"), extra.get("cameras")
+            )
             # Per component, x_0 | x_t, i ~ N(μ_i + σ²√ᾱ_t/v_t (x_t − √ᾱ_t μ_i), ·) (Bishop 2006, Eq. 2.116);
             # averaging with the responsibilities w_i gives m + σ²√ᾱ_t/v_t (x_t − √ᾱ_t m).
             x0 = m + self.sigma**2 * a.sqrt() / v * (x - a.sqrt() * m)
         return x0.float().reshape(x_t.shape).to(x_t.device)
+
+
+def viewing_directions(cameras: Float[Tensor, "N 12"], allow_origin: bool = False) -> Float[Tensor, "N 3"]:
+    """Unit direction from the world origin (the object's centre) to each camera's position, for cameras
+    encoded by :func:`~nerfstudio_distill.priors.base.camera_condition` (the position is the last column of
+    the 3 x 4). ``allow_origin``: a camera at the origin gets the zero vector (else a one-line error)."""
+    position = cameras.reshape(-1, 3, 4)[:, :, 3]
+    norm = position.norm(dim=1, keepdim=True)
+    if not allow_origin and bool((norm < 1e-9).any()):
+        raise PriorInputError(
+            "a camera sits at the world origin, so it has no viewing direction: the camera condition needs "
+            "cameras around an object at the origin"
+        )
+    return position / norm.clamp_min(1e-12)
+
+
+def angle_between(u: Float[Tensor, "N 3"], w: Float[Tensor, "K 3"]) -> Float[Tensor, "N K"]:
+    """Angles (radians) between unit vectors, as atan2(‖u × w‖, u · w) (accurate near 0 and π, unlike acos)."""
+    cos = u @ w.T
+    sin = torch.linalg.cross(
+        u[:, None, :].expand(-1, w.shape[0], -1), w[None].expand(u.shape[0], -1, -1)
+    ).norm(dim=-1)
+    return torch.atan2(sin, cos)
+
+
+def camera_spacing(directions: Float[Tensor, "K 3"]) -> float:
+    """The median angle, in degrees, from each distinct viewing direction to its nearest other one: the
+    angular spacing of a set's cameras, the default κ of a camera-conditioned exact prior. One-line error
+    when all cameras share one direction (no spacing to take)."""
+    _, group = torch.unique(torch.round(directions.double() * 1e6), dim=0, return_inverse=True)
+    one = torch.zeros(int(group.max()) + 1, dtype=torch.long, device=group.device)
+    one.scatter_(0, group, torch.arange(len(group), device=group.device))  # a member of each direction
+    distinct = directions[one].double()  # unrounded
+    if distinct.shape[0] < 2:
+        raise PriorInputError(
+            "every camera of the set looks from one direction, so there is no camera spacing to take κ from: "
+            "pass camera_sigma (degrees)"
+        )
+    angle = angle_between(distinct, distinct)
+    angle.fill_diagonal_(math.inf)
+    return float(torch.rad2deg(angle.min(dim=1).values.median()))
