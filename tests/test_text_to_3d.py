@@ -225,6 +225,49 @@ def test_a_prior_without_cameras_gets_the_prompt_alone(pipeline, monkeypatch):
     assert seen and all(isinstance(c, str) for c in seen)
 
 
+@pytest.fixture(scope="module")
+def camera_prior_set(tmp_path_factory) -> Path:
+    """The red ball of prior_set (same cameras, labels and images) with each image's camera stored."""
+    folder = tmp_path_factory.mktemp("t2d_camera_prior")
+    cameras = CameraSpec(layout="hemisphere", num_views=40, radius=RADIUS, fov=FOV, width=RES, height=RES)
+    spec = SceneSpec(colour="red", pattern="stripes", stripes=3)
+    return write_view_prior_set(folder, spec, cameras, {RED: {}}, cameras=True, camera_sigma=10.0)
+
+
+@pytest.mark.parametrize("method", ["sds", "sdi"])
+def test_a_camera_conditioned_prior_changes_the_step(prior_set, camera_prior_set, method):
+    """A step with the camera-conditioned exact prior gets the rendered views' cameras and a gradient that
+    differs from the plain prior's on the same images; the plain prior's step is reproducible (so the
+    difference is the camera's)."""
+
+    def step(folder: Path, record: list | None = None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        pipe = t2d_config(folder, method=method).setup(device="cpu", test_mode="val")
+        pipe.start_edit(0, 10)
+        if record is not None:
+            predict_noise = pipe.prior.predict_noise
+            pipe.prior.predict_noise = lambda x, t, c, g=None: (record.extend(c), predict_noise(x, t, c, g))[
+                1
+            ]
+            sample_views = pipe.datamanager.sample_views
+            pipe.datamanager.sample_views = lambda *a, **k: (
+                record.append(sample_views(*a, **k)),
+                record[-1],
+            )[1]
+        _, losses, _ = pipe.get_train_loss_dict(step=1)
+        sum(losses.values()).backward()
+        return field_grads(pipe)
+
+    plain, again, seen = step(prior_set), step(prior_set), []
+    conditioned = step(camera_prior_set, seen)
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+    assert any(not torch.allclose(plain[k], conditioned[k]) for k in plain)
+    views, conditions = seen[0], seen[1:]
+    assert conditions and all(isinstance(c, Condition) for c in conditions)
+    sent = torch.cat([c.camera for c in conditions]).unique(dim=0)
+    torch.testing.assert_close(sent, camera_condition(views.cameras.camera_to_worlds).unique(dim=0))
+
+
 def test_sdi_step(prior_set):
     pipe = t2d_config(prior_set, method="sdi").setup(device="cpu", test_mode="val")
     pipe.start_edit(0, 10)
