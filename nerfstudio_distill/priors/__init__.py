@@ -10,6 +10,7 @@ from .base import (
     Condition,
     Prior,
     PriorInputError,
+    camera_condition,
     classifier_free_guidance,
     scaled_linear_betas,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "PriorLoadError",
     "StableDiffusionPrior",
     "StableDiffusionPriorConfig",
+    "camera_condition",
     "classifier_free_guidance",
     "import_diffusers",
     "scaled_linear_betas",
