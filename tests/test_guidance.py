@@ -344,10 +344,10 @@ def test_config_calls_its_method_with_its_options(prior, method):
 def test_method_table_matches_the_cli_choices():
     assert list(get_args(MethodName)) == list(METHODS)
     assert method_names(edits=True) == ["sds", "dds", "pds"]
-    assert method_names(needs_source=False) == ["sds", "sdi"]
+    assert method_names(needs_source=False) == ["sds", "sdi", "vsd"]
     with pytest.raises(DistillError) as err:
-        GuidanceConfig(method="vsd").check()
-    assert "use one of sds, sdi, dds, pds" in one_line(err)
+        GuidanceConfig(method="xyz").check()
+    assert "use one of sds, sdi, dds, pds, vsd" in one_line(err)
 
 
 @pytest.mark.parametrize("n", [1, 10])

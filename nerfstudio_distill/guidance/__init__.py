@@ -1,4 +1,4 @@
-"""Score-distillation guidance on latents: SDS, SDI, DDS, PDS.
+"""Score-distillation guidance on latents: SDS, SDI, DDS, PDS, VSD.
 
 Every method takes latents x0 from ``prior.encode``, talks to the network only through
 :meth:`~nerfstudio_distill.priors.base.Prior.predict_noise`, and returns a :class:`GuidanceOutput`
@@ -17,12 +17,13 @@ from nerfstudio_distill.guidance.common import (
     surrogate_loss,
     weight,
 )
-from nerfstudio_distill.guidance.config import METHODS, Guidance, GuidanceConfig, Method
+from nerfstudio_distill.guidance.config import METHODS, Guidance, GuidanceConfig, Method, VSDGuidance
 from nerfstudio_distill.guidance.dds import dds
 from nerfstudio_distill.guidance.pds import PDS_SCHEDULES, pds, pds_coefficients
 from nerfstudio_distill.guidance.sdedit import sdedit
 from nerfstudio_distill.guidance.sdi import ddim_invert, sdi
 from nerfstudio_distill.guidance.sds import sds
+from nerfstudio_distill.guidance.vsd import vsd
 
 __all__ = [
     "ANNEALS",
@@ -46,5 +47,7 @@ __all__ = [
     "sdi",
     "sds",
     "surrogate_loss",
+    "vsd",
+    "VSDGuidance",
     "weight",
 ]

@@ -20,7 +20,7 @@ from nerfstudio_distill.priors.base import Condition, Prior
 WEIGHTINGS = ("sds", "uniform", "fantasia", "sqrt")
 """Valid names for :func:`weight`."""
 
-ANNEALS = ("constant", "linear", "sqrt")
+ANNEALS = ("constant", "linear", "sqrt", "step")
 """Valid values of :attr:`TimestepSchedule.anneal`."""
 
 
@@ -54,6 +54,11 @@ class GuidanceOutput:
     """PDS χ(t), coefficient of (ε̂_tgt − ε̂_src), ``chi_scale`` included."""
     t_prev: Int[Tensor, " B"] | None = None
     """PDS previous timestep."""
+    eps_lora: Float[Tensor, " B *latent"] | None = None
+    """VSD: ε̂_φ, the camera-conditioned LoRA's prediction at x_t (CFG over the camera included)."""
+    train_loss: Float[Tensor, ""] | None = None
+    """VSD: the loss of the guidance's own trainable network (the LoRA's diffusion loss on the detached
+    x0), with autograd into it; backpropagate it beside ``loss``. None for the stateless methods."""
 
     @property
     def grad_norm(self) -> Float[Tensor, ""]:
@@ -133,6 +138,8 @@ class TimestepSchedule:
     - ``"linear"``: max = max_fraction − (max_fraction − final_max_fraction) · progress.
     - ``"sqrt"``: max = max_fraction − (max_fraction − final_max_fraction) · √progress
       (the fast-then-slow decrease of DreamTime / threestudio's ``sqrt_anneal``).
+    - ``"step"``: max = max_fraction until progress ``step_at``, then final_max_fraction (ProlificDreamer:
+      t ~ U(0.02, 0.98) for its first 5000 steps, then U(0.02, 0.5)).
     """
 
     min_fraction: float = 0.02
@@ -143,6 +150,9 @@ class TimestepSchedule:
     """How the highest timestep moves with training progress."""
     final_max_fraction: float = 0.5
     """Highest timestep at progress 1 (ignored when ``anneal="constant"``)."""
+    step_at: float = 0.5
+    """With ``anneal="step"``: the training progress (step / max steps) at which the highest timestep drops
+    to final_max_fraction."""
 
     def check(self, flag: str = "--pipeline.guidance.timesteps.") -> None:
         """One-line error naming the flags (``flag`` + name) for a range no run can use. Called by
@@ -155,6 +165,8 @@ class TimestepSchedule:
                 f"{flag}min-fraction {lo} and {flag}max-fraction {hi}: use 0 <= min-fraction <= max-fraction "
                 "<= 1 (e.g. 0.02 and 0.98)"
             )
+        if not 0.0 <= self.step_at <= 1.0:  # also false for NaN
+            raise DistillError(f"{flag}step-at {self.step_at}: pass a training progress in [0, 1]")
         if self.anneal != "constant" and not lo <= end <= hi:
             raise DistillError(
                 f"{flag}final-max-fraction {end} is outside [{lo}, {hi}] (min-fraction, max-fraction): pick a "
@@ -170,6 +182,8 @@ class TimestepSchedule:
             return self.max_fraction - drop * progress
         if self.anneal == "sqrt":
             return self.max_fraction - drop * math.sqrt(progress)
+        if self.anneal == "step":
+            return self.max_fraction if progress < self.step_at else self.final_max_fraction
         return self.max_fraction
 
     def bounds(self, progress: float = 0.0, num_train_timesteps: int = 1000) -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """User-facing guidance options (one dataclass, shown by tyro as ``--pipeline.guidance.*``).
 
 :class:`GuidanceConfig` turns the options into a call of :func:`~.sds.sds`, :func:`~.sdi.sdi`,
-:func:`~.dds.dds` or :func:`~.pds.pds`, so pipelines never branch on the method themselves.
+:func:`~.dds.dds`, :func:`~.pds.pds` or :func:`~.vsd.vsd`, so pipelines never branch on the method themselves.
 ``GuidanceConfig.setup(prior)`` builds the :class:`Guidance` module a pipeline holds: the seam for methods
-with state (a trainable score, as VSD's LoRA); SDS/SDI/DDS/PDS have none.
+with state (:class:`VSDGuidance` and its trainable LoRA score); SDS/SDI/DDS/PDS have none.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from nerfstudio_distill.guidance.dds import dds
 from nerfstudio_distill.guidance.pds import pds
 from nerfstudio_distill.guidance.sdi import sdi
 from nerfstudio_distill.guidance.sds import sds
+from nerfstudio_distill.guidance.vsd import vsd
 from nerfstudio_distill.priors.base import Condition, Prior
 
 
@@ -53,6 +54,64 @@ class Guidance(nn.Module):
     ) -> GuidanceOutput:
         """One guidance evaluation with the settings in use (see :meth:`GuidanceConfig.__call__`)."""
         return self.config(prior, x0, prompt, **kwargs)
+
+    def pop_losses(self) -> dict[str, Tensor]:
+        """Losses of the method's own parameters from the calls since the last pop, by name, for the trainer to
+        backpropagate beside the guidance loss (VSD: its LoRA's); empty for stateless methods."""
+        return {}
+
+
+class VSDGuidance(Guidance):
+    """VSD with its state: the camera-conditioned LoRA ε̂_φ of the prior's UNet (adapters and camera
+    embedding, :class:`~nerfstudio_distill.priors.camera_lora.CameraLora`), trained each step on the renders
+    by the loss :func:`~.vsd.vsd` returns as ``train_loss``.
+
+    The LoRA is added to the prior given here (when training); the module holds its parameters, so they
+    join the optimizer ("guidance" group) and the checkpoints, adapters and embedding only. Without a prior
+    (ns-export, ns-viewer) it holds nothing: the checkpoint's guidance entries are not needed to render.
+    """
+
+    def __init__(self, config: GuidanceConfig, prior: Prior | None) -> None:
+        super().__init__(config, prior)
+        self.lora: nn.Module | None = None
+        """The CameraLora trained here (None without a prior)."""
+        self._train_losses: list[tuple[Tensor, int]] = []
+        if prior is None:
+            return
+        if not hasattr(prior, "add_camera_lora"):
+            raise DistillError(
+                f"--pipeline.guidance.method vsd trains a LoRA of the prior's UNet; {type(prior).__name__} has "
+                "none: use --pipeline.prior.kind stable-diffusion"
+            )
+        from nerfstudio_distill.priors.lora import LoraSpec
+
+        self.lora = prior.add_camera_lora(LoraSpec(rank=config.lora_rank), seed=0)
+
+    def forward(
+        self,
+        prior: Prior,
+        x0: Float[Tensor, " B *latent"],
+        prompt: str | Condition,
+        **kwargs,
+    ) -> GuidanceOutput:
+        """One VSD evaluation; its LoRA loss is kept for :meth:`pop_losses` (batch-weighted over the calls
+        of a step)."""
+        if self.lora is None or getattr(prior, "camera_lora", None) is not self.lora:
+            raise DistillError(
+                "this VSD guidance was built for another prior: pass the prior given to setup()"
+            )
+        out = super().forward(prior, x0, prompt, **kwargs)
+        if out.train_loss is not None:
+            self._train_losses.append((out.train_loss, x0.shape[0]))
+        return out
+
+    def pop_losses(self) -> dict[str, Tensor]:
+        """{"vsd_lora": the mean LoRA loss of the calls since the last pop} (empty if none)."""
+        losses, self._train_losses = self._train_losses, []
+        if not losses:
+            return {}
+        total = sum(n for _, n in losses)
+        return {"vsd_lora": sum(loss * (n / total) for loss, n in losses)}
 
 
 @dataclass(frozen=True)
@@ -103,10 +162,20 @@ METHODS: dict[str, Method] = {
             "rule": "pds_rule",
         },
     ),
+    "vsd": Method(
+        vsd,
+        module=VSDGuidance,
+        options={
+            "weighting": "weighting",
+            "grad_clip": "grad_clip",
+            "lora_guidance_scale": "lora_guidance_scale",
+            "camera_dropout": "camera_dropout",
+        },
+    ),
 }
 """The one table of guidance methods (``--pipeline.guidance.method``), by name."""
 
-MethodName = Literal["sds", "sdi", "dds", "pds"]
+MethodName = Literal["sds", "sdi", "dds", "pds", "vsd"]
 """The names of :data:`METHODS`, for tyro's choices (a test keeps the two equal)."""
 
 
@@ -125,7 +194,9 @@ class GuidanceConfig:
 
     method: MethodName = "pds"
     """sds: w(t)(ε̂ − ε) (DreamFusion). sdi: SDS with the noise found by DDIM inversion. dds: ε̂_tgt − ε̂_src
-    (Delta Denoising Score). pds: ψ(t)(x0 − x0_src) + χ(t)(ε̂_tgt − ε̂_src) (Posterior Distillation Sampling)."""
+    (Delta Denoising Score). pds: ψ(t)(x0 − x0_src) + χ(t)(ε̂_tgt − ε̂_src) (Posterior Distillation Sampling).
+    vsd: w(t)(ε̂ − ε̂_φ), ε̂_φ a camera-conditioned LoRA of the prior trained on the renders (ProlificDreamer;
+    text to 3D only)."""
     guidance_scale: float | None = None
     """Classifier-free guidance scale of every branch. None: the prior's default, 7.5 for Stable Diffusion
     (--pipeline.prior.stable-diffusion.guidance-scale) and 1 for the exact prior, whose conditional score
@@ -161,6 +232,15 @@ class GuidanceConfig:
     """SDI: CFG scale during inversion (SDI paper: −7.5)."""
     inversion_eta: float = 0.0
     """SDI: stochasticity added to each inversion step (0: deterministic DDIM)."""
+    lora_rank: int = 4
+    """VSD: rank of the LoRA ε̂_φ on the UNet's attention projections (threestudio's ProlificDreamer: 4,
+    diffusers' LoRAAttnProcessor default). Its learning rate is --optimizers.guidance.optimizer.lr."""
+    lora_guidance_scale: float = 1.0
+    """VSD: CFG scale of ε̂_φ over the camera (camera against the null camera; threestudio: 1, the camera
+    branch alone, one network row fewer)."""
+    camera_dropout: float = 0.1
+    """VSD: probability that a step's LoRA loss sees the null camera instead of the views' (threestudio:
+    0.1), so that ε̂_φ also learns the camera-free prediction a LoRA CFG scale other than 1 needs."""
 
     @property
     def spec(self) -> Method:
@@ -194,6 +274,14 @@ class GuidanceConfig:
         if self.num_grid_steps < 2:
             raise DistillError(
                 f"{flag}num-grid-steps is {self.num_grid_steps}: pass 2 or more (published: 500)"
+            )
+        if self.lora_rank < 1:
+            raise DistillError(f"{flag}lora-rank is {self.lora_rank}: pass 1 or more (ProlificDreamer: 4)")
+        if not 0.0 <= self.camera_dropout <= 1.0:  # also false for NaN
+            raise DistillError(f"{flag}camera-dropout is {self.camera_dropout}: pass a probability in [0, 1]")
+        if not math.isfinite(self.lora_guidance_scale):
+            raise DistillError(
+                f"{flag}lora-guidance-scale is {self.lora_guidance_scale}: pass a finite number"
             )
         if self.num_inversion_steps < 1:
             raise DistillError(f"{flag}num-inversion-steps is {self.num_inversion_steps}: pass 1 or more")

@@ -318,6 +318,20 @@ class Prior(nn.Module, abc.ABC):
             "(--pipeline.prior.kind instruct-pix2pix)"
         )
 
+    def diffusion_loss(
+        self,
+        x0: Float[Tensor, " B *latent"],
+        t: Int[Tensor, " B"],
+        noise: Float[Tensor, " B *latent"],
+        prompt: str | Condition,
+    ) -> Float[Tensor, " B"]:
+        """The network's per-sample training loss at x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, with autograd into its
+        trainable parts (VSD's LoRA). Only priors with a trainable network have one."""
+        raise PriorInputError(
+            f"{type(self).__name__} has no network to train: VSD needs the Stable Diffusion prior "
+            "(--pipeline.prior.kind stable-diffusion)"
+        )
+
     def predict_noise(
         self,
         x_t: Float[Tensor, "G B *latent"],

@@ -7,8 +7,8 @@ s is the strength (:func:`set_lora_scale`; 0: the base network, 1: as trained).
 - ``ns-distill-personalize`` trains adapters of the UNet (and optionally the text encoder) on a scene's
   images (DreamBooth) and writes them with :func:`save_lora`;
 - ``--pipeline.prior.stable-diffusion.lora`` loads them into the prior with :func:`load_lora`;
-- VSD (later) trains a LoRA of the prior's UNet each step with :func:`add_lora`, and switches it off for
-  the base model's prediction with :func:`lora_disabled`.
+- VSD trains a camera-conditioned LoRA of the prior's UNet each step (:mod:`.camera_lora`, with
+  :func:`add_lora`), and runs the base model's and the LoRA's rows in one call with :func:`lora_per_row`.
 
 A folder of adapters holds ``lora.json`` (:data:`CONFIG_FILE`: rank, α and target modules per network, the
 base model, and whatever the writer adds) and one safetensors file per network (:data:`WEIGHT_FILES`), in
@@ -20,10 +20,11 @@ peft is imported inside functions: importing this module never imports it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,31 @@ def lora_scale(net: nn.Module, scale: float, name: str = ADAPTER) -> Iterator[No
     finally:
         for path, layer in layers.items():
             layer.scaling[name] = before[path]
+
+
+def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple:
+    return args, {**kwargs, "adapter_names": names}
+
+
+@contextlib.contextmanager
+def lora_per_row(net: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Run the block with row i of every adapted layer's input through adapter ``names[i]`` alone
+    ("__base__": no adapter): peft's mixed-batch inference (its ``adapter_names`` argument), passed to each
+    LoRA layer by a forward pre-hook as peft's own ``PeftModel`` does. Each row gets ONE adapter, so with
+    two adapters on a network a row cannot have both; every layer's input must have the rows first (true of
+    the attention projections of diffusers' UNets)."""
+    import_peft()
+    from peft.tuners.lora import LoraLayer
+
+    hook = functools.partial(_adapter_names_hook, names=list(names))
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True) for m in net.modules() if isinstance(m, LoraLayer)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def set_lora_enabled(net: nn.Module, enabled: bool) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from nerfstudio_distill.errors import PriorInputError, PriorLoadError, one_line
 
-from .base import Prior
+from .base import Condition, Prior
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -252,6 +252,8 @@ class StableDiffusionPrior(Prior):
         self.text_encoder = text_encoder.to(dtype)
         self.vae = vae
         self.unet = unet
+        self.__dict__["camera_lora"] = None
+        """VSD's camera-conditioned LoRA (:meth:`add_camera_lora`; None: none)."""
         self.lora: dict[str, Any] | None = None
         """lora.json of the adapters loaded from ``config.lora`` (None: none)."""
         if config.lora is not None:
@@ -327,10 +329,65 @@ class StableDiffusionPrior(Prior):
     def _eps(
         self, x_t: Float[Tensor, "N C h w"], t: Int[Tensor, " N"], conds: Sequence[Tensor], **conditions: Any
     ) -> Float[Tensor, "N C h w"]:
-        cond = torch.cat([c.to(self.device, self.dtype) for c in conds])
         t = t.to(self.device)
-        x = self._unet_input(x_t.to(self.device, self.dtype), **conditions)
-        out = self.unet(self._memory_format(x), t, encoder_hidden_states=cond).sample.float()
+        out = self._unet(x_t, t, conds, **conditions)
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, x_t.to(self.device, torch.float32), self.alphas_cumprod[t])
         return out
+
+    def _unet(
+        self,
+        x_t: Float[Tensor, "N C h w"],
+        t: Int[Tensor, " N"],
+        conds: Sequence[Tensor],
+        cameras: Sequence[Tensor | None] | None = None,
+        **conditions: Any,
+    ) -> Float[Tensor, "N C h w"]:
+        """The UNet's raw output (ε or v, float32) for rows with text ``conds``; with a camera LoRA
+        (:meth:`add_camera_lora`) rows with a camera are its ε̂_φ, rows without the UNet as loaded."""
+        cond = torch.cat([c.to(self.device, self.dtype) for c in conds])
+        x = self._memory_format(self._unet_input(x_t.to(self.device, self.dtype), **conditions))
+        if self.camera_lora is None:
+            return self.unet(x, t, encoder_hidden_states=cond).sample.float()
+        return self.camera_lora.run(x, t, cond, cameras or [None] * len(x)).float()
+
+    # --------------------------------------------------------------------- VSD
+    def add_camera_lora(self, spec: Any, seed: int = 0) -> Any:
+        """Add VSD's camera-conditioned LoRA to the UNet (a :class:`~.camera_lora.CameraLora`, returned for
+        the caller to hold, train and save) and take cameras from now on: a row whose
+        :class:`~.base.Condition` has a camera is ε̂_φ, a row without one is the UNet as loaded. Once."""
+        from .camera_lora import CameraLora
+
+        if self.camera_lora is not None:
+            raise PriorLoadError("this prior already has a camera LoRA: add it once")
+        lora = CameraLora(self.unet, spec, seed=seed)
+        self.__dict__["camera_lora"] = lora  # not a submodule: the guidance that trains it holds it
+        self.takes_camera = True
+        return lora
+
+    def diffusion_loss(
+        self,
+        x0: Float[Tensor, "B C h w"],
+        t: Int[Tensor, " B"],
+        noise: Float[Tensor, "B C h w"],
+        prompt: str | Condition,
+    ) -> Float[Tensor, " B"]:
+        """Per-sample ‖f(x_t, y, t) − target‖² / dim at x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (DDPM Eq. 4 and 14), the
+        target being ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 for a v-prediction model (as diffusers trains both),
+        WITH autograd into whatever of the network trains (VSD: its LoRA, for rows with a camera). ``x0``
+        is detached; the text embedding is the cached one."""
+        check = self.check_timesteps(t).to(self.device)
+        condition = prompt if isinstance(prompt, Condition) else Condition(prompt)
+        x0 = x0.detach().to(self.device, torch.float32)
+        noise = noise.detach().to(self.device, torch.float32)
+        a = self.alphas_cumprod[check].double().reshape(-1, *([1] * (x0.ndim - 1)))
+        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).float()
+        if self.prediction_type == "v_prediction":
+            target = (a.sqrt() * noise - (1 - a).sqrt() * x0).float()
+        else:
+            target = noise
+        batch = x0.shape[0]
+        conds = self.embed([condition.prompt]) * batch
+        extra = self._row_conditions([condition], batch)
+        pred = self._unet(x_t, check, conds, **extra)
+        return (pred - target).pow(2).flatten(1).mean(1)
