@@ -296,3 +296,143 @@ def test_vsd_nerfacto_defaults_are_prolificdreamers():
     assert g.timesteps.anneal == "step" and g.weighting == "sds"
     opt = config.optimizers["guidance"]["optimizer"]
     assert opt._target is torch.optim.AdamW and opt.lr == 1e-4 and opt.betas == (0.9, 0.99)
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+def vsd_pipeline(tiny_sd: Path, **changes):
+    from nerfstudio_distill.pipelines.text_to_3d import TextTo3DPipelineConfig
+    from nerfstudio_distill.priors.config import PriorConfig
+    from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPriorConfig
+    from tests.test_text_to_3d import cameras, tiny_model
+
+    config = TextTo3DPipelineConfig(
+        datamanager=cameras(resolutions=(IMAGE_SIZE,)),
+        model=tiny_model(),
+        prompt=PROMPT,
+        guidance=GuidanceConfig(method="vsd", guidance_scale=7.5),
+        prior=PriorConfig(
+            kind="stable-diffusion",
+            stable_diffusion=StableDiffusionPriorConfig(model=str(tiny_sd), dtype="fp32"),
+        ),
+        prior_resolution=None,
+        **changes,
+    )
+    pipe = config.setup(device="cpu", test_mode="val", grad_scaler=None)
+    pipe.start_edit(0, 10)
+    return pipe
+
+
+@pytest.mark.parametrize("chunk_size", [16384, 100], ids=["one-pass", "two-pass"])
+def test_text_to_3d_step_trains_the_field_and_the_lora(tiny_sd, chunk_size):
+    """A vsd step of the text-to-3D pipeline: the views' cameras reach the LoRA rows, the losses hold the
+    LoRA's ("vsd_lora"), and one backward gives gradients to the field and to every LoRA parameter (in the
+    optimizer's "guidance" group); the pipeline's state dict holds the adapters and no prior weight."""
+    from nerfstudio_distill.priors.base import camera_condition
+
+    pipe = vsd_pipeline(tiny_sd, chunk_size=chunk_size)
+    seen, views = [], []
+    predict_noise, sample_views = pipe.prior.predict_noise, pipe.datamanager.sample_views
+    pipe.prior.predict_noise = lambda x, t, c, g=None: (seen.extend(c), predict_noise(x, t, c, g))[1]
+    pipe.datamanager.sample_views = lambda *a, **k: (views.append(sample_views(*a, **k)), views[-1])[1]
+    _, losses, _ = pipe.get_train_loss_dict(step=1)
+    assert set(losses) >= {"guidance", "vsd_lora"} and losses["vsd_lora"].requires_grad
+    sum(losses.values()).backward()
+    lora = pipe.guidance.lora
+    assert pipe.get_param_groups()["guidance"] == list(lora.parameters())
+    # at the start only the parts after a zero can move: B of each adapter, the embedding's last layer
+    moved = [n for n, p in lora.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert "embedding.linear_2.weight" in moved and any(n.endswith("lora_B__weight") for n in moved)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.model.parameters())
+    sent = torch.cat(
+        [
+            c.camera
+            for c in seen
+            if isinstance(c, Condition) and c.camera is not None and c.camera.abs().sum() > 0
+        ]
+    )
+    torch.testing.assert_close(
+        sent.unique(dim=0), camera_condition(views[0].cameras.camera_to_worlds).unique(dim=0)
+    )
+    state = pipe.state_dict()
+    assert any(k.startswith("guidance.lora.adapters.") for k in state)
+    assert not any(k.startswith("guidance.") and not k.startswith("guidance.lora.") for k in state)
+    assert not any("unet" in k or "vae" in k or "text_encoder" in k for k in state)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def ns_train_vsd(out: Path, tiny_sd: Path, *flags: str, steps: int = 2) -> list[str]:
+    from tests.conftest import CPU_NERFACTO
+    from tests.test_text_to_3d import FOV, RADIUS, TINY
+
+    return [
+        "ns-train", "vsd-nerfacto", *CPU_NERFACTO, *TINY,
+        "--max-num-iterations", str(steps), "--output-dir", str(out), "--timestamp", "run",
+        "--pipeline.prompt", PROMPT,
+        "--pipeline.prior.kind", "stable-diffusion",
+        "--pipeline.prior.stable-diffusion.model", str(tiny_sd),
+        "--pipeline.prior.stable-diffusion.dtype", "fp32",
+        "--pipeline.prior-resolution", "None",
+        "--pipeline.datamanager.resolutions", str(IMAGE_SIZE),
+        "--pipeline.datamanager.radius", str(RADIUS), str(RADIUS),
+        "--pipeline.datamanager.fov", str(FOV), str(FOV),
+        "--pipeline.datamanager.elevation", "6", "70",
+        "--pipeline.datamanager.num-eval-views", "4",
+        "--pipeline.model.shading-start", "0",
+        "--steps-per-save", "2",
+        *flags,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_vsd_nerfacto_trains_resumes_and_exports(tiny_sd, tmp_path, capsys):
+    """ns-train vsd-nerfacto (tiny SD) for 2 steps: the checkpoint holds the LoRA (adapters and camera
+    embedding, changed from their fresh values by the steps) and its optimizer state, and no prior weight;
+    --load-dir resumes with those adapters (the trainer's own loading, compared with the checkpoint) to step
+    5; ns-export pointcloud works on the run."""
+    import yaml
+
+    from tests.conftest import ns_export, ns_export_main, ns_train_main, run_here
+
+    out = tmp_path / "out"
+    run_here(ns_train_main, ns_train_vsd(out, tiny_sd))
+    run = out / "unnamed" / "vsd-nerfacto" / "run"
+    (ckpt,) = (run / "nerfstudio_models").glob("step-*.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = saved["pipeline"]
+    lora = {k: v for k, v in state.items() if k.startswith("guidance.")}
+    assert lora and all(k.startswith(("guidance.lora.adapters.", "guidance.lora.embedding.")) for k in lora)
+    assert not any("unet" in k or "vae" in k or "text_encoder" in k or "_prior" in k for k in state)
+    assert lora["guidance.lora.embedding.linear_2.weight"].abs().sum() > 0  # trained from its zero start
+    assert "guidance" in saved["optimizers"]
+
+    config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader)
+    config.load_dir = run / "nerfstudio_models"
+    config.max_num_iterations = 6
+    config.output_dir = tmp_path / "resumed"
+
+    def resume(_) -> None:  # ns-train's main, with a look at the loaded adapters before training
+        trainer = config.setup(local_rank=0, world_size=1)
+        trainer.setup()
+        loaded = trainer.pipeline.guidance.state_dict()
+        assert all(torch.equal(loaded[k[len("guidance.") :]], v) for k, v in lora.items())
+        trainer.train()
+
+    capsys.readouterr()
+    run_here(resume, [])
+    assert "4 of the 6 planned steps are left" in capsys.readouterr().out
+    assert (
+        tmp_path
+        / "resumed"
+        / "unnamed"
+        / "vsd-nerfacto"
+        / "run"
+        / "nerfstudio_models"
+        / "step-000000005.ckpt"
+    ).exists()
+
+    target = tmp_path / "pointcloud"
+    run_here(
+        ns_export_main,
+        ns_export("pointcloud", run, target, "--num-points", "256", "--normal-method", "open3d"),
+    )
+    assert (target / "point_cloud.ply").stat().st_size > 0

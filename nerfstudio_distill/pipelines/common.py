@@ -279,7 +279,8 @@ class TrainingPrior:
         precision), ``guide`` it, skip the step on a NaN/Inf render, gradient or loss, then backpropagate
         ``guidance_weight`` x the guidance loss plus ``regularizers``: in one pass with autograd, or for rays
         in two (render, then chunk by chunk, see :func:`backward_in_chunks`) when the render has more rays
-        than ``chunk_size``. ``prior_resolution``, ``chunk_size`` and ``guidance_weight`` are the pipeline
+        than ``chunk_size``. The guidance's own losses (:meth:`Guidance.pop_losses`: VSD's LoRA loss) join the
+        returned losses as they are (not times ``guidance_weight``). ``prior_resolution``, ``chunk_size`` and ``guidance_weight`` are the pipeline
         config's. On several processes the backward is done here and the gradients averaged over the ranks
         (:meth:`_backward_and_average`)."""
         chunk_size, prior_resolution = self.config.chunk_size, self.config.prior_resolution
@@ -295,6 +296,8 @@ class TrainingPrior:
         with torch.autocast(device_type=image.device.type, enabled=False):
             latents = self.prior.encode(to_prior(image.float(), prior_resolution, self.prior.size_multiple))
             loss, grad, metrics = guide(latents, outputs)
+        # the guidance's own losses (VSD: its LoRA's), backpropagated by the trainer into its parameters only
+        own = {name: value.to(image.device) for name, value in self.guidance.pop_losses().items()}
 
         loss = loss.to(image.device) * self.config.guidance_weight
         losses: dict[str, Tensor] = {}
@@ -304,14 +307,16 @@ class TrainingPrior:
         elif not torch.isfinite(grad).all():
             reason = "the guidance gradient has NaN/Inf"
         elif single_pass:
-            losses = {"guidance": loss, **regularizers(outputs)}
+            losses = {"guidance": loss, **regularizers(outputs), **own}
             bad = first_non_finite(losses)
             reason = None if bad is None else f"the {bad} is NaN/Inf"
+        elif first_non_finite(own) is not None:
+            reason = f"the {first_non_finite(own)} is NaN/Inf"
         else:
             (grad_image,) = torch.autograd.grad(loss, image)
             scaler = self.grad_scaler
             backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, scaler, output)
-            losses = {"guidance": torch.zeros((), device=image.device, requires_grad=True)}
+            losses = {"guidance": torch.zeros((), device=image.device, requires_grad=True), **own}
         if self.world_size > 1:
             losses, reason = self._backward_and_average(losses, reason, backward=single_pass)
         if reason is not None:

@@ -1,6 +1,8 @@
-"""Text-to-3D: random views -> shading -> prior -> guidance (SDS or SDI) -> field.
+"""Text-to-3D: random views -> shading -> prior -> guidance (SDS, SDI or VSD) -> field.
 
-One pipeline serves ``sds-nerfacto`` and ``sdi-nerfacto``; only ``guidance.method`` differs. Each step
+One pipeline serves ``sds-nerfacto``, ``sdi-nerfacto`` and ``vsd-nerfacto``; only ``guidance.method``
+differs (VSD's LoRA gives the prior a camera input, so its views' cameras reach it; its LoRA loss joins the
+step's losses through ``TrainingPrior.guidance_step``). Each step
 draws ``num_views`` random cameras (:mod:`nerfstudio_distill.data.random_cameras`), renders them with
 gradients at the scheduled resolution, each with its own shading and background
 (:mod:`nerfstudio_distill.models.text_to_3d`), and asks the guidance for the gradient on the renders
@@ -70,8 +72,8 @@ class TextTo3DPipelineConfig(VanillaPipelineConfig):
     """Azimuth span (degrees) centred on 0 that is "front"; the same span centred on 180 is "back", the
     rest "side"."""
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method="sds"))
-    """Which distillation gradient (sds, sdi) and its options (CFG, t range and annealing, weighting,
-    SDI inversion)."""
+    """Which distillation gradient (sds, sdi, vsd) and its options (CFG, t range and annealing, weighting,
+    SDI inversion, VSD's LoRA)."""
     prior: PriorConfig = field(default_factory=PriorConfig)
     """The diffusion model that judges the renders."""
     prior_resolution: int | None = 512
