@@ -1,11 +1,14 @@
-"""Cost of one guidance step (SDS, SDI, DDS, PDS) relative to its floor, measured in the same run.
+"""Cost of one guidance step (SDS, SDI, DDS, PDS, VSD) relative to its floor, measured in the same run.
 
 The floor is the work no implementation can skip:
 
 - ONE batched prior evaluation of the branches the method needs (``prior._eps`` under no_grad on
   2·B rows for SDS and SDI, 4·B rows for DDS and PDS: conditional + unconditional per group);
 - ONE encoder forward and backward on the same images (VAE encode with grad w.r.t. the images, then
-  backward of a scalar); none for the exact prior, whose encoder is the identity.
+  backward of a scalar); none for the exact prior, whose encoder is the identity;
+- VSD: 3·B rows (pretrained unconditional and conditional, LoRA) of the UNet with its adapters switched
+  off, plus ONE UNet forward and backward on B rows with the LoRA on (its training loss; the gradient
+  reaches the adapters). VSD runs on its own copy of the prior with the camera LoRA added (SD only).
 
 A step of ours is: images (requires_grad) → ``prior.encode`` → guidance function (source latents
 encoded once, outside the timed loop) → ``out.loss.backward()``. SDI does ``--inversion-steps`` + 1
@@ -65,11 +68,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # for tests.tiny_sd (the offline CLIP tokenizer) when run as a script
     sys.path.insert(0, str(ROOT))
 
-from nerfstudio_distill.guidance import dds, pds, sdi, sds  # noqa: E402
+from nerfstudio_distill.guidance import dds, pds, sdi, sds, vsd  # noqa: E402
 from nerfstudio_distill.priors import ExactPrior, Prior, StableDiffusionPrior  # noqa: E402
+from nerfstudio_distill.priors.base import Condition  # noqa: E402
+from nerfstudio_distill.priors.lora import LoraSpec, lora_disabled  # noqa: E402
 
 METHODS = ("sds", "sdi", "dds", "pds")
-BRANCHES = {"sds": 2, "sdi": 2, "dds": 4, "pds": 4}
+"""The methods of the GPU suite (benchmarks/gpu_suite.py)."""
+ALL_METHODS = (*METHODS, "vsd")
+"""What ``--methods`` may name (and runs by default)."""
+BRANCHES = {"sds": 2, "sdi": 2, "dds": 4, "pds": 4, "vsd": 3}
 """Rows per image of the ONE evaluation in each method's floor (cond + uncond per group)."""
 PROMPT, PROMPT_SRC = "a photo of a dog", "a photo of a cat"
 GUIDANCE_SCALE = 7.5  # != 1, so every prior runs the unconditional branch too
@@ -180,12 +188,21 @@ def floor_calls(prior: Prior, images: torch.Tensor, branches: int) -> tuple[Call
     dtype = getattr(prior, "dtype", torch.float32)
     x_in = torch.randn(branches * latents.shape[0], *latents.shape[1:], device=prior.device).to(dtype)
     t = torch.full((x_in.shape[0],), 500, dtype=torch.long, device=prior.device)
-    prompts = [PROMPT, PROMPT_SRC][: branches // 2] + [""] * (branches // 2)
+    prompts = [PROMPT, PROMPT_SRC][: branches // 2] + [""] * (branches // 2) + [PROMPT] * (branches % 2)
     conds = [c for c in prior.embed(prompts) for _ in range(latents.shape[0])]
 
     def evaluate() -> None:
         with torch.no_grad():
             prior._eps(x_in, t, conds)
+
+    if getattr(prior, "camera_lora", None) is not None:  # VSD: the bare UNet, and the LoRA's training call
+        unet, text = prior.unet, torch.cat(conds[: latents.shape[0]])
+        x_train, t_train = x_in[: latents.shape[0]], t[: latents.shape[0]]
+
+        def evaluate() -> None:
+            with torch.no_grad(), lora_disabled(unet):
+                unet(x_in, t, encoder_hidden_states=torch.cat(conds))
+            unet(x_train, t_train, encoder_hidden_states=text).sample.float().square().mean().backward()
 
     if not isinstance(prior, StableDiffusionPrior):
         return evaluate, None
@@ -206,6 +223,7 @@ def step_call(prior: Prior, method: str, images: torch.Tensor, sources: torch.Te
     """Our full step: encode with grad, the guidance function, backward of its loss."""
     with torch.no_grad():
         x0_src = prior.encode(sources)  # cached source latents (DDS, PDS)
+    cameras = torch.randn(images.shape[0], 12, generator=torch.Generator().manual_seed(0)).to(images.device)
 
     def step() -> None:
         x0 = prior.encode(images.detach().requires_grad_(True))
@@ -215,8 +233,11 @@ def step_call(prior: Prior, method: str, images: torch.Tensor, sources: torch.Te
             out = sdi(prior, x0, PROMPT, num_inversion_steps=steps)
         elif method == "dds":
             out = dds(prior, x0, x0_src, PROMPT, PROMPT_SRC)
-        else:
+        elif method == "pds":
             out = pds(prior, x0, x0_src, PROMPT, PROMPT_SRC)
+        else:  # the gradient and the LoRA's loss, backpropagated together as the trainer does
+            out = vsd(prior, x0, Condition(PROMPT, camera=cameras))
+            out.loss = out.loss + out.train_loss
         out.loss.backward()
 
     return step
@@ -350,7 +371,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("auto", "fp32", "fp16"), default="auto")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of sds,sdi,dds,pds"
+        "--methods", default=",".join(ALL_METHODS), help="comma-separated subset of sds,sdi,dds,pds,vsd"
     )
     parser.add_argument("--inversion-steps", type=int, default=10, help="SDI's K")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per method")
@@ -371,9 +392,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown or not methods:
-        parser.error(f"--methods: unknown {unknown}; use a comma-separated subset of {','.join(METHODS)}")
+        parser.error(f"--methods: unknown {unknown}; use a comma-separated subset of {','.join(ALL_METHODS)}")
+    if "vsd" in methods and args.prior == "exact":
+        parser.error("--methods vsd trains a LoRA of Stable Diffusion's UNet: drop it with --prior exact")
     args.methods = methods
     if args.clock == "process" and (args.device or "cpu").startswith("cuda"):
         parser.error("--clock process measures CPU time: use it with --device cpu")
@@ -415,7 +438,15 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     shape = (args.batch, 3, args.resolution, args.resolution)
     images, sources = torch.rand(shape, device=device), torch.rand(shape, device=device)
     prior.embed([PROMPT, PROMPT_SRC, ""])  # text embeddings are cached: not part of any step
-    results = {m: measure(prior, m, images, sources, args, device) for m in args.methods}
+    results = {}
+    for m in args.methods:
+        if m == "vsd":  # a copy with the camera LoRA, which would slow the other methods' calls
+            vsd_prior = build_sd(args.size, device, args.dtype, args.seed)
+            vsd_prior.add_camera_lora(LoraSpec(rank=4))
+            vsd_prior.embed([PROMPT, PROMPT_SRC, ""])
+            results[m] = measure(vsd_prior, m, images, sources, args, device)
+        else:
+            results[m] = measure(prior, m, images, sources, args, device)
     settings = {
         "prior": args.prior,
         "size": args.size if args.prior == "sd" else None,

@@ -31,7 +31,7 @@ def test_guidance_step_benchmark_tiny(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(report))  # the last line is the whole report
     assert set(report) == {"methods", "settings"}
-    assert list(report["methods"]) == ["sds", "sdi", "dds", "pds"]
+    assert list(report["methods"]) == ["sds", "sdi", "dds", "pds", "vsd"]
     for name, result in report["methods"].items():
         assert KEYS <= set(result), name
         for key in ("ratio", "ms", "floor_ms", "floor_eval_ms", "floor_encoder_ms", "peak_mb"):

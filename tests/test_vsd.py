@@ -272,6 +272,11 @@ def test_options_are_checked():
     ]:
         with pytest.raises(DistillError, match=needle):
             dataclasses.replace(GuidanceConfig(method="vsd"), **changes).check()
+    from nerfstudio_distill.priors import ExactPrior
+
+    with pytest.raises(DistillError, match="prior.kind stable-diffusion") as err:
+        GuidanceConfig(method="vsd").setup(ExactPrior(torch.rand(2, 3, 4, 4), ["a", "b"]))
+    assert "\n" not in str(err.value)
     step = TimestepSchedule(anneal="step", final_max_fraction=0.5, step_at=0.5)
     assert step.max_fraction_at(0.49) == 0.98 and step.max_fraction_at(0.5) == 0.5
 
