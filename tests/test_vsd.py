@@ -281,6 +281,17 @@ def test_options_are_checked():
     assert step.max_fraction_at(0.49) == 0.98 and step.max_fraction_at(0.5) == 0.5
 
 
+def test_ns_distill_2d_refuses_vsd_in_one_line(tmp_path):
+    from nerfstudio_distill.scripts import distill_2d
+
+    args = distill_2d.Distill2DArgs(
+        image=tmp_path / "x.png", target_prompt=PROMPT, guidance=GuidanceConfig(method="vsd")
+    )
+    with pytest.raises(distill_2d.Distill2DError, match="ns-train vsd-nerfacto") as err:
+        distill_2d.check_args(args)
+    assert "\n" not in str(err.value)
+
+
 def test_vsd_nerfacto_defaults_are_prolificdreamers():
     from method_configs.vsd_nerfacto import vsd_nerfacto
 

@@ -129,6 +129,8 @@ class Method:
     """Finds its noise by DDIM inversion (several network calls per step)."""
     grid_timesteps: bool = False
     """Snaps t to its DDIM grid (``GuidanceConfig.num_grid_steps``) unless the schedule is consecutive."""
+    needs_camera: bool = False
+    """Takes each view's camera (VSD: its LoRA is conditioned on it), which only text to 3D has."""
     options: dict[str, str] = field(default_factory=dict)
     """Keyword of ``run`` -> the GuidanceConfig field passed to it."""
     module: type[Guidance] = Guidance
@@ -164,6 +166,7 @@ METHODS: dict[str, Method] = {
     ),
     "vsd": Method(
         vsd,
+        needs_camera=True,
         module=VSDGuidance,
         options={
             "weighting": "weighting",

@@ -489,6 +489,11 @@ def check_args(args: Distill2DArgs) -> None:
     if args.resolution is not None and args.resolution < 8:
         raise Distill2DError(f"--resolution {args.resolution}: use at least 8, or None for the image's size")
     args.guidance.check()  # non-finite CFG/psi/chi, bad counts (flags shown as --guidance.*)
+    if args.guidance.spec.needs_camera:
+        raise Distill2DError(
+            f"--guidance.method {args.guidance.method} needs the camera of each view of a 3D scene, which one "
+            f"image has not: use ns-train {args.guidance.method}-nerfacto"
+        )
     if args.sweep:
         sweep_grid(args.guidance, parse_sweeps(args.sweep))  # checks every cell's options
 
