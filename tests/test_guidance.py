@@ -240,23 +240,26 @@ def test_psi_scale_scales_only_the_identity_term(prior):
 
 def test_pds_balanced_is_the_conditional_edit_plus_the_orthogonal_identity(prior):
     """rule="balanced": s · (ε̂(x_t, tgt) − ε̂(x_t^src, src)) without CFG, and ψ (x0 − x0_src) without its part
-    along that edit term, written out here from separate unguided calls; one network call of batch 2."""
+    along Δx̂0 = x̂0(x_t, tgt) − x̂0(x_t^src, src) (DDIM Eq. 9), written out here from separate unguided
+    calls; one network call of batch 2."""
     t = prior.timestep_grid(500)[torch.tensor([30, 250, 400])]
     x0, x0_src, eps = latents(0), latents(5).detach(), randn(3, *SHAPE, seed=1)
     prior.calls = 0
     out = pds(prior, x0, x0_src, "cat", "dog", t=t, noise=eps, guidance_scale=SCALE, rule="balanced")
     assert prior.calls == 1
-    edit = SCALE * (
-        prior.predict_noise(noised(prior, x0.detach(), eps, t)[None], t, ["cat"], 1.0)[0]
-        - prior.predict_noise(noised(prior, x0_src, eps, t)[None], t, ["dog"], 1.0)[0]
-    )
-    d = (x0.detach() - x0_src).flatten(1)
-    e = edit.flatten(1)
-    identity = (d - (d * e).sum(1, keepdim=True) / e.pow(2).sum(1, keepdim=True) * e).reshape(x0.shape)
+    x_t, x_t_src = noised(prior, x0.detach(), eps, t), noised(prior, x0_src, eps, t)
+    eps_tgt = prior.predict_noise(x_t[None], t, ["cat"], 1.0)[0]
+    eps_src = prior.predict_noise(x_t_src[None], t, ["dog"], 1.0)[0]
+    edit = SCALE * (eps_tgt - eps_src)
+    a = col(prior.alphas_cumprod.double()[t])
+    x0_hat = (x_t - (1 - a).sqrt() * eps_tgt) / a.sqrt()
+    x0_hat_src = (x_t_src - (1 - a).sqrt() * eps_src) / a.sqrt()
+    d, c = (x0.detach() - x0_src).flatten(1), (x0_hat - x0_hat_src).flatten(1)
+    identity = (d - (d * c).sum(1, keepdim=True) / c.pow(2).sum(1, keepdim=True) * c).reshape(x0.shape)
     torch.testing.assert_close(out.grad, col(out.psi) * identity + col(out.chi) * edit, atol=1e-6, rtol=1e-6)
-    # the identity term is orthogonal to the edit term, per sample
-    cosines = torch.nn.functional.cosine_similarity(identity.flatten(1), e, dim=1)
-    assert cosines.abs().max() < 1e-6  # ε̂ is float32
+    # the identity term is orthogonal to what the prompts change, per sample
+    cosines = torch.nn.functional.cosine_similarity(identity.flatten(1), c, dim=1)
+    assert cosines.abs().max() < 1e-6
     reference = pds(prior, x0, x0_src, "cat", "dog", t=t, noise=eps, guidance_scale=SCALE)
     assert not torch.allclose(reference.grad, out.grad)
 

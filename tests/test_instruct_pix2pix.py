@@ -211,8 +211,9 @@ def test_pds_balanced_is_the_text_scale_times_the_conditional_difference(ip2p):
     torch.testing.assert_close(out.eps_src, eps_src, rtol=1e-5, atol=1e-5)
     edit = 4.0 * (eps_tgt - eps_src)
     identity = x0 - x0_src
-    coef = (identity * edit).sum() / edit.pow(2).sum()
-    expected = out.psi * (identity - coef * edit) + out.chi * edit
+    changed = identity - ((1 - a) / a).sqrt() * (eps_tgt - eps_src)  # x̂0 − x̂0_src (DDIM Eq. 9)
+    coef = (identity * changed).sum() / changed.pow(2).sum()
+    expected = out.psi * (identity - coef * changed) + out.chi * edit
     torch.testing.assert_close(out.grad, expected.float(), rtol=1e-4, atol=1e-5)
 
 

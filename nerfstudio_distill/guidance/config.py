@@ -221,8 +221,9 @@ class GuidanceConfig:
     """PDS: factor on χ(t), the editing term ε̂_tgt − ε̂_src."""
     pds_rule: Literal["reference", "balanced"] = "balanced"
     """PDS: "balanced" (default) takes the edit term from the conditional ε̂ only, times the CFG scale, and
-    drops the part of the identity term ψ(t)(x0 − x0_src) along it, so the edit neither stops short (the
-    reference ψ) nor overshoots (CFG), with no ratio to tune. "reference" is the published gradient
+    drops the part of the identity term ψ(t)(x0 − x0_src) along what the prompts change as the prior sees
+    it (x̂0 under the target minus x̂0 under the source), so the edit neither stops short (the reference ψ)
+    nor overshoots (CFG), with no ratio to tune. "reference" is the published gradient
     ψ(t)(x0 − x0_src) + χ(t)(ε̂_tgt − ε̂_src) with CFG in both ε̂."""
     pds_schedule: Literal["reference", "consecutive"] = "reference"
     """PDS: "reference" uses t_prev = previous point of the DDIM grid, as the published code (ψ > 0);

@@ -28,9 +28,13 @@ the README's 2D toy section):
   s · (ε̂(x_t, y_tgt) − ε̂(x_t^src, y_src)). CFG's remaining part, (1 − s)(ε̂(x_t, ∅) − ε̂(x_t^src, ∅)),
   grows with the edit itself and pushes past the target (DDS "strays too far"); it is dropped, which
   also halves the network batch;
-- the identity term ψ(t)(x0 − x0_src) loses its component along the edit term (per sample), so it
-  holds every change the prompt does not ask for and no longer pulls the edit back (the undershoot of
-  the reference ψ).
+- the identity term ψ(t)(x0 − x0_src) loses its component along what the prompts change as the prior
+  sees it, Δx̂0 = x̂0(x_t, y_tgt) − x̂0(x_t^src, y_src) (per sample; x̂0 from the conditional ε̂ by DDIM
+  Eq. 9, so Δx̂0 = (x0 − x0_src) − √((1−ᾱ_t)/ᾱ_t) (ε̂_tgt − ε̂_src)). It holds every change the prompt
+  does not ask for and no longer pulls the edit back (the undershoot of the reference ψ). Δx̂0 does not
+  shrink as the edit arrives, where the edit term does: an earlier version projected on the edit term,
+  and near the target, where that term is mostly the render's residual error, the identity term's pull
+  back to the source survived and the edit stalled (README, edit benchmark).
 
 With a prior whose CFG has more branches (InstructPix2Pix: text and image), "balanced" takes the
 conditional branch with every part of the condition kept, s_T · (ε̂(x_t; c_T, c_I) − ε̂(x_t^src; ∅, c_I))
@@ -55,6 +59,7 @@ from nerfstudio_distill.guidance.common import (
     check_prompt,
     check_source,
     finish,
+    per_sample,
     resolve_noise,
 )
 from nerfstudio_distill.priors.base import CFG, Condition, Prior
@@ -195,7 +200,10 @@ def pds(
         scale = prior.guidance_scale if guidance_scale is None else float(guidance_scale)
         eps = prior.predict_noise(x_t, t, [prompt, prompt_src], CFG.conditional()).to(x0.dtype)
         edit = scale * (eps[0] - eps[1])
-        identity = identity - along(identity, edit)
+        # what the prompts change, as the prior sees it: x̂0(x_t, y_tgt) − x̂0(x_t^src, y_src) (DDIM Eq. 9)
+        a = prior.alphas_cumprod.double()
+        changed = identity - per_sample(((1 - a) / a).sqrt(), t, x0) * (eps[0] - eps[1])
+        identity = identity - along(identity, changed)
     # z_tgt − z_src = ψ(t) (x0_tgt − x0_src) + χ(t) (ε̂_tgt − ε̂_src)  (module docstring)
     grad = batchwise(psi, x0) * identity + batchwise(chi, x0) * edit
     return finish(
