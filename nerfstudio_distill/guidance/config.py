@@ -243,8 +243,9 @@ class GuidanceConfig:
     """VSD: CFG scale of ε̂_φ over the camera (camera against the null camera; threestudio: 1, the camera
     branch alone, one network row fewer)."""
     camera_dropout: float = 0.1
-    """VSD: probability that a step's LoRA loss sees the null camera instead of the views' (threestudio:
-    0.1), so that ε̂_φ also learns the camera-free prediction a LoRA CFG scale other than 1 needs."""
+    """VSD: probability that a guidance call's LoRA loss (the views of a step that share a prompt) sees the
+    null camera instead of the views' (threestudio: 0.1), so that ε̂_φ also learns the camera-free
+    prediction a LoRA CFG scale other than 1 needs."""
 
     @property
     def spec(self) -> Method:
