@@ -112,6 +112,27 @@ def test_gradient_equals_the_formula(tiny_sd, lora_guidance_scale, personalised,
     assert (eps_pre - eps_phi).abs().max() > 1e-2  # the two branches really differ here
 
 
+def test_gradient_equals_the_formula_for_a_v_prediction_prior(tmp_path):
+    """With a v-prediction model both ε̂ are the UNet's v turned into ε (ε = √ᾱ v + √(1−ᾱ) x_t), and the LoRA
+    trains on the v target (test_diffusion_loss_is_personalisations)."""
+    from nerfstudio_distill.priors.stable_diffusion import v_to_eps
+
+    prior, lora = vsd_prior(build_tiny_sd(tmp_path, "v_prediction"))
+    x0, noise, cameras, t = fixed_inputs()
+    out = vsd(
+        prior, x0, Condition(PROMPT, camera=cameras), t=t, noise=noise, guidance_scale=7.5, drop_camera=False
+    )
+    x_t = add_noise(prior.alphas_cumprod, x0, noise, t).float()
+    a = prior.alphas_cumprod[t]
+
+    def eps(prompt, camera=None):
+        return v_to_eps(unet_by_hand(prior, lora, x_t, t, prompt, camera), x_t, a)
+
+    expected = classifier_free_guidance(eps(""), eps(PROMPT), 7.5) - eps(PROMPT, cameras)
+    w = weight("sds", prior.alphas_cumprod, t).float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out.grad, w * expected, atol=1e-5, rtol=1e-5)
+
+
 def test_rows_without_a_camera_are_the_unet_as_loaded(tiny_sd):
     """With a trained camera LoRA attached, a call without cameras (every other method's) predicts what the
     plain prior does; a fresh LoRA (B = 0, zero last embedding layer) predicts the pretrained model."""
