@@ -1,4 +1,5 @@
-"""The demo's input handling (the whole demo is `make demo`; its stages are tested in test_edit_cli)."""
+"""The demo's input handling, the commands of each --representation, and (slow) the splat demo end to end
+(the nerfacto demo is `make demo`; its stages are tested in test_edit_cli)."""
 
 from __future__ import annotations
 
