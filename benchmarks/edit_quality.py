@@ -105,6 +105,7 @@ from nerfstudio_distill.data.scene import (
     with_attributes,
 )
 from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.models.edit_splatfacto import colour_lr
 
 
 @dataclass(frozen=True)
@@ -413,6 +414,8 @@ def edit_flags(s: Settings, prior: Path, base_models: Path, row: Row = ROWS["pds
     ]  # fmt: skip
     if s.representation == "nerfacto":
         flags += ["--pipeline.model.edit-appearance", s.appearance]
+    else:  # the colours' rate for an edit this short (splatfacto's 2.5e-3 suits ~3000 steps; colour_lr)
+        flags += ["--optimizers.features-dc.optimizer.lr", f"{colour_lr(s.steps):.4g}"]
     if method == "in2n-edit":
         # one view's rays per photometric step, what a guidance edit renders per step, so every row costs
         # about the same per step (in2n-edit's default, IN2N's 16384 rays, is 7x that at 48 px)

@@ -37,6 +37,18 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
 
+SH_C0 = 0.28209479177387814
+"""The degree-0 spherical-harmonic basis constant: colour = SH_C0 · DC + 0.5."""
+
+
+def colour_lr(steps: int, margin: float = 2.0) -> float:
+    """An Adam rate for the colours (``--optimizers.features-dc.optimizer.lr``) at which an edit of ``steps``
+    steps can move a colour across its range: Adam moves a parameter by about its rate per step at most,
+    and one colour channel spans 1 / SH_C0 ≈ 3.5 in DC units, so the rate must be at least 3.5 / steps;
+    ``margin`` times that. splatfacto's 2.5e-3 suits edits of about 3000 steps (pds-splatfacto's default
+    length); a 200-step edit needs about 0.035."""
+    return margin / (SH_C0 * steps)
+
 
 @dataclass
 class EditSplatfactoModelConfig(SplatfactoModelConfig):
