@@ -135,6 +135,7 @@ def test_cli_writes_result_strip_and_json(ball, tmp_path, monkeypatch, capsys):
             "folder": str(prior),
             "sigma": None,
             "condition_sigma": None,
+            "camera_sigma": None,
             "image_guidance_scale": 1.0,
             "device": None,
         },
