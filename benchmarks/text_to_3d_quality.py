@@ -13,7 +13,8 @@ image's camera stored (``cameras.json``), so the exact prior is also conditioned
 camera: an image counts by exp(−d²/2κ²), d the angle between its camera's and the view's viewing
 directions. κ (``--camera-sigma``, degrees) defaults to the set's camera spacing, the median angle from
 a prior camera to its nearest neighbour (6.3° for the 400 default views), a choice made from the set
-alone, not by the held-out scores.
+alone, not by the held-out scores. ``--camera-sigma 0.63`` (a tenth of it) is the nearest-camera limit;
+the README gives both runs.
 
 Both methods train from the same initialisation with the same budget (steps, views per step, seed,
 CFG, t schedule). Scores, on ``num_test_views`` held-out cameras (the hemisphere layout with another
