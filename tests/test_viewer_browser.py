@@ -158,3 +158,30 @@ def test_text_to_3d_panel_in_chromium(tmp_path):
         type_into(driver, "Prompt", BLUE)
         wait_for(lambda: BLUE in (value("Last prompts") or ""), 300, "training to use the new prompt", proc)
         assert all(p.startswith(BLUE + ", ") for p in value("Last prompts").split("; "))
+
+
+@pytest.mark.slow
+def test_splat_edit_panel_and_renders_in_chromium(tiny_scene, prior_folder, tmp_path):
+    """A live pds-splatfacto in the viewer: the Distillation panel takes a new target prompt, and the viewer's
+    renders of the splats (the plugin's torch rasteriser on CPU, with the "source_rgb" output) raise
+    nothing in the training process."""
+    from tests.conftest import ns_train_main, run_here
+    from tests.test_edit_splatfacto import splat_edit_flags, splat_train
+
+    run_here(ns_train_main, splat_train("splatfacto", tmp_path / "base", tiny_scene, steps=5))
+    base = tmp_path / "base" / tiny_scene.name / "splatfacto" / "run" / "nerfstudio_models"
+    command = splat_train(
+        "pds-splatfacto", tmp_path / "out", tiny_scene, *splat_edit_flags(prior_folder, base), steps=100000
+    )
+    with viewer_page(command, tmp_path) as (driver, value, proc):
+        wait_for(
+            lambda: value("Prompt in use") == "a blue striped ball", 300, "the first training step", proc
+        )
+        type_into(driver, "Target prompt", "a red striped ball")
+        wait_for(lambda: value("Prompt in use") == "a red striped ball", 300, "the new prompt in use", proc)
+        canvas = driver.execute_script("return document.querySelectorAll('canvas').length")
+        assert canvas > 0
+        time.sleep(5)  # a few viewer renders of the splats
+        assert proc.poll() is None
+    log = (tmp_path / "train.log").read_text()
+    assert "Traceback" not in log and "Error" not in log.replace("UserWarning", ""), log[-2000:]
