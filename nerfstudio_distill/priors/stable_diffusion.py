@@ -365,6 +365,16 @@ class StableDiffusionPrior(Prior):
         self.takes_camera = True
         return lora
 
+    def training_target(
+        self, x0: Float[Tensor, "B C h w"], noise: Float[Tensor, "B C h w"], t: Int[Tensor, " B"]
+    ) -> Float[Tensor, "B C h w"]:
+        """What the network is trained to predict at x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε: ε, or for a v-prediction
+        model v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022), as diffusers trains both."""
+        if self.prediction_type != "v_prediction":
+            return noise
+        a = self.alphas_cumprod[t.to(self.alphas_cumprod.device)].double().reshape(-1, *([1] * (x0.ndim - 1)))
+        return (a.sqrt() * noise - (1 - a).sqrt() * x0).float()
+
     def diffusion_loss(
         self,
         x0: Float[Tensor, "B C h w"],
@@ -382,10 +392,7 @@ class StableDiffusionPrior(Prior):
         noise = noise.detach().to(self.device, torch.float32)
         a = self.alphas_cumprod[check].double().reshape(-1, *([1] * (x0.ndim - 1)))
         x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).float()
-        if self.prediction_type == "v_prediction":
-            target = (a.sqrt() * noise - (1 - a).sqrt() * x0).float()
-        else:
-            target = noise
+        target = self.training_target(x0, noise, check)
         batch = x0.shape[0]
         conds = self.embed([condition.prompt]) * batch
         extra = self._row_conditions([condition], batch)

@@ -246,11 +246,7 @@ def diffusion_loss(
     Gradients reach whatever of the UNet (and ``embeddings``) is trainable."""
     t = t.to(prior.device)
     x_t = add_noise(prior.alphas_cumprod, latents, noise, t)
-    if prior.prediction_type == "v_prediction":
-        a = prior.alphas_cumprod[t].double().reshape(-1, 1, 1, 1)
-        target = (a.sqrt() * noise - (1 - a).sqrt() * latents).float()
-    else:
-        target = noise
+    target = prior.training_target(latents, noise, t)
     pred = prior.unet(x_t.to(prior.dtype), t, encoder_hidden_states=embeddings).sample.float()
     return (pred - target).pow(2).flatten(1).mean(1)
 
