@@ -106,6 +106,7 @@ from nerfstudio_distill.data.scene import (
 )
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.models.edit_splatfacto import colour_lr
+from nerfstudio_distill.scripts.demo import SPLAT_BASE, SPLATS
 
 
 @dataclass(frozen=True)
@@ -249,19 +250,6 @@ FIELD_FLAGS = [
     "--pipeline.model.background-color", "black",  # the scene's background
     "--pipeline.model.camera-optimizer.mode", "off",  # exact synthetic poses
 ]  # fmt: skip
-# The splatfacto base and edits (representation splatfacto); identical in both, as the edit checks.
-SPLAT_FLAGS = [
-    "--pipeline.model.random-init", "True",
-    "--pipeline.model.random-scale", "1.0",  # the dataparser fits the cameras (radius 4) in [-1, 1]
-    "--pipeline.model.sh-degree", "1",  # the scene is unshaded
-    "--pipeline.model.background-color", "black",  # the scene's background
-]  # fmt: skip
-SPLAT_BASE_FLAGS = [
-    "--pipeline.model.num-downscales", "0",
-    "--pipeline.model.warmup-length", "100",
-    "--pipeline.model.refine-every", "50",
-]  # fmt: skip
-"""splatfacto's densification within a few hundred base steps (its defaults start at step 500)."""
 NO_EVAL = ["--steps-per-eval-batch", "1000000", "--steps-per-eval-image", "1000000"]
 NO_EVAL += ["--steps-per-eval-all-images", "1000000"]
 
@@ -364,7 +352,7 @@ def ns_train(
 def model_flags(s: Settings) -> list[str]:
     """The scene model's flags, shared by the base and the edits."""
     if s.representation == "splatfacto":
-        return [*SPLAT_FLAGS, "--pipeline.model.num-random", str(s.gaussians)]
+        return [*SPLATS, "--pipeline.model.num-random", str(s.gaussians)]  # the demo's, as many as asked
     return FIELD_FLAGS
 
 
@@ -648,7 +636,7 @@ def run(
         else:
             shutil.rmtree(work / "out", ignore_errors=True)
             base_flags = (
-                SPLAT_BASE_FLAGS
+                SPLAT_BASE
                 if s.representation == "splatfacto"
                 else ["--pipeline.datamanager.train-num-rays-per-batch", str(s.rays_per_batch)]
             )

@@ -50,11 +50,10 @@ FIELD = [
     "--pipeline.model.background-color", "black",  # the scene's background
     "--pipeline.model.camera-optimizer.mode", "off",
 ]  # fmt: skip
-# Gaussian splats on CPU: the splatfacto settings of benchmarks/edit_quality.py (--representation
-# splatfacto), where a 600-step base from 2000 random Gaussians reached 24.9 dB; the edit uses the same.
+# Gaussian splats on CPU, also the settings of benchmarks/edit_quality.py --representation splatfacto (it
+# imports them), where a 600-step base from 2000 random Gaussians reached 24.9 dB; the edit uses the same.
 SPLATS = [
     "--pipeline.model.random-init", "True",
-    "--pipeline.model.num-random", "2000",
     "--pipeline.model.random-scale", "1.0",  # the dataparser fits the cameras (radius 4) in [-1, 1]
     "--pipeline.model.sh-degree", "1",  # the scene is unshaded
     "--pipeline.model.background-color", "black",  # the scene's background
@@ -111,7 +110,7 @@ REPRESENTATIONS = {
     "splatfacto": Representation(
         base="splatfacto",
         edit="pds-splatfacto",
-        model=tuple(SPLATS),
+        model=(*SPLATS, "--pipeline.model.num-random", "2000"),
         base_flags=tuple(SPLAT_BASE),
         base_steps=600,
         edit_flags=tuple(SPLAT_EDIT),
