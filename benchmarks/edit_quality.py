@@ -454,28 +454,25 @@ def render_run(run: Path, per_image: bool = False) -> dict[str, Any]:
     from nerfstudio_distill.scripts.pictures import load_run
 
     pipeline = load_run(run / "config.yml", test_mode="test")
-    if isinstance(pipeline.model, SplatfactoModel):
-        return _render_splats(pipeline)
+    splats = isinstance(pipeline.model, SplatfactoModel)
+    view = _splat_view if splats else _nerfacto_view
     dm = pipeline.datamanager
     scale = float(dm.train_dataparser_outputs.dataparser_scale)
     frames, held_out, rgb, depth = [], [], [], []
     for dataset, is_eval in ((dm.train_dataset, False), (dm.eval_dataset, True)):
         cameras = dataset.cameras.to(pipeline.device)
         own = per_image and not is_eval
-        # camera index i of the train set = its appearance embedding; the field uses the embedding of the
-        # ray's camera only in training mode (nerfacto_field), the rest of the model stays in eval mode
-        pipeline.model.field.train(own)
+        if not splats:
+            # camera index i of the train set = its appearance embedding; the field uses the embedding of
+            # the ray's camera only in training mode (nerfacto_field), the rest of the model stays in eval
+            pipeline.model.field.train(own)
         for i, filename in enumerate(dataset._dataparser_outputs.image_filenames):
             frames.append(int(Path(filename).stem.split("_")[-1]))  # images/frame_00012.png -> 12
             held_out.append(is_eval)
-            if own:
-                bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
-            else:
-                bundle = cameras[i : i + 1].generate_rays(camera_indices=0, keep_shape=True)
             with torch.no_grad():
-                out = pipeline.model.get_outputs_for_camera_ray_bundle(bundle)
-            rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
-            depth.append(out["depth"][..., 0].cpu().numpy() / scale)
+                image, distance = view(pipeline, cameras, i, own)
+            rgb.append(image.clamp(0, 1).cpu().numpy())
+            depth.append(distance.cpu().numpy() / scale)
     return {
         "frames": np.array(frames),
         "eval": np.array(held_out),
@@ -485,35 +482,29 @@ def render_run(run: Path, per_image: bool = False) -> dict[str, Any]:
     }
 
 
-def _render_splats(pipeline: Any) -> dict[str, Any]:
-    """:func:`render_run` of a Gaussian-splat run: every train and eval camera, as the viewer shows it."""
+def _nerfacto_view(pipeline: Any, cameras: Any, i: int, own: bool) -> tuple[Any, Any]:
+    """Camera ``i``'s render and depth (distance along the ray); ``own``: with its appearance embedding."""
+    if own:
+        bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
+    else:
+        bundle = cameras[i : i + 1].generate_rays(camera_indices=0, keep_shape=True)
+    out = pipeline.model.get_outputs_for_camera_ray_bundle(bundle)
+    return out["rgb"], out["depth"][..., 0]
+
+
+def _splat_view(pipeline: Any, cameras: Any, i: int, own: bool) -> tuple[Any, Any]:
+    """Camera ``i``'s render of a Gaussian-splat run, as the viewer shows it (``own`` is moot: splats have no
+    appearance embedding), and its expected z-depth turned into distance along the ray."""
     import torch
 
-    dm = pipeline.datamanager
-    scale = float(dm.train_dataparser_outputs.dataparser_scale)
-    frames, held_out, rgb, depth = [], [], [], []
-    for dataset, is_eval in ((dm.train_dataset, False), (dm.eval_dataset, True)):
-        cameras = dataset.cameras.to(pipeline.device)
-        for i, filename in enumerate(dataset._dataparser_outputs.image_filenames):
-            frames.append(int(Path(filename).stem.split("_")[-1]))
-            held_out.append(is_eval)
-            camera = cameras[i : i + 1]
-            with torch.no_grad():
-                out = pipeline.model.get_outputs_for_camera(camera)
-            # z-depth -> distance along the ray: times |(x, y, 1)| in normalised image coordinates
-            h, w = out["rgb"].shape[:2]
-            x = (torch.arange(w) + 0.5 - float(camera.cx)) / float(camera.fx)
-            y = (torch.arange(h) + 0.5 - float(camera.cy)) / float(camera.fy)
-            stretch = torch.sqrt(1 + x[None, :] ** 2 + y[:, None] ** 2)
-            rgb.append(out["rgb"].clamp(0, 1).cpu().numpy())
-            depth.append((out["depth"][..., 0].cpu() * stretch).numpy() / scale)
-    return {
-        "frames": np.array(frames),
-        "eval": np.array(held_out),
-        "rgb": np.stack(rgb),
-        "depth": np.stack(depth),
-        "scale": scale,
-    }
+    camera = cameras[i : i + 1]
+    out = pipeline.model.get_outputs_for_camera(camera)
+    # z-depth -> distance along the ray: times |(x, y, 1)| in normalised image coordinates
+    h, w = out["rgb"].shape[:2]
+    x = (torch.arange(w) + 0.5 - float(camera.cx)) / float(camera.fx)
+    y = (torch.arange(h) + 0.5 - float(camera.cy)) / float(camera.fy)
+    stretch = torch.sqrt(1 + x[None, :] ** 2 + y[:, None] ** 2)
+    return out["rgb"], out["depth"][..., 0].cpu() * stretch
 
 
 def psnr(a: Float[np.ndarray, "N H W 3"], b: Float[np.ndarray, "N H W 3"]) -> float:
