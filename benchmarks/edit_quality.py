@@ -50,8 +50,10 @@ Metrics, per method (renders of all dataparser frames, train + eval):
   ray, converted to generator units with ``dataparser_scale``) / object diameter (2), each pixel
   capped at 1 (a hole counts as one diameter, not as the distance to the far plane).
 - ``seconds``: wall time of the edit's ``ns-train`` process (start-up included).
-The base reports ``psnr_to_source`` and ``depth_error`` (vs the generator's depth, same units and cap)
-as sanity checks, and ``psnr_to_ideal``, the no-edit reference.
+- ``depth_error``: the same mean against the generator's depth (over the source's object pixels), for the
+  base and each edit: whether an edit moved its base's geometry towards the truth or away from it (on a
+  base that never settled, a large depth change can be a repair).
+The base reports ``psnr_to_source`` and ``depth_error`` as sanity checks, and ``psnr_to_ideal``, the no-edit reference.
 
     .venv/bin/python benchmarks/edit_quality.py            # table; --json: last line is one JSON object
     .venv/bin/python benchmarks/edit_quality.py --steps 100 --resolution 32 --methods pds --keep
@@ -544,7 +546,16 @@ def score(
     if base is not None:
         change = np.minimum(np.abs(run["depth"] - base["depth"]) / OBJECT_DIAMETER, 1.0)  # a hole counts 1
         result["depth_change"] = float(change[mask].mean())
+        result["depth_error"] = depth_error(run, truth)
     return result
+
+
+def depth_error(run: dict[str, Any], truth: dict[str, np.ndarray]) -> float:
+    """Mean over the source's object pixels of |depth − true depth| / object diameter, each pixel capped at
+    1: how far a run's geometry is from the generator's (the base's, or an edit's: an edit may move its
+    base's depth towards the truth or away from it)."""
+    error = np.minimum(np.abs(run["depth"] - truth["ray_depth"]) / OBJECT_DIAMETER, 1.0)
+    return float(error[truth["source_mask"]].mean())
 
 
 def ground_truth(scene: Path, frames: np.ndarray, change: dict[str, str]) -> dict[str, np.ndarray]:
@@ -666,11 +677,9 @@ def run(
             for method, edited in seen.items():
                 scores = score(edited, truth, base, bench)
                 result[method] |= {f"{key}_per_image": scores[key] for key in PER_IMAGE_KEYS}
-        depth_error = np.minimum(np.abs(base["depth"] - truth["ray_depth"]), OBJECT_DIAMETER)
-        depth_error = depth_error[truth["source_mask"]].mean()
         result["base"] = {
             "psnr_to_source": psnr(base["rgb"], truth["source_rgb"]),
-            "depth_error": float(depth_error / OBJECT_DIAMETER),
+            "depth_error": depth_error(base, truth),
             **score(base, truth, None, bench),
             "seconds": base_seconds,
         }
@@ -734,8 +743,8 @@ def table(result: dict[str, Any]) -> str:
     """Markdown table of the result (of one seed, or mean ± spread over seeds)."""
     rows = [
         "| run | PSNR to ideal (dB) | held-out | target acc. | colour progress | stripes kept "
-        "| depth change | time (s) | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| depth change | depth error | time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("base", *METHODS):
         if name not in result:
@@ -746,7 +755,8 @@ def table(result: dict[str, Any]) -> str:
         rows.append(
             f"| {'base (no edit)' if name == 'base' else name.upper()} | {_cell(r, 'psnr_to_ideal', 2)} | "
             f"{_cell(r, 'psnr_to_ideal_eval', 2)} | {_cell(r, 'target_accuracy', 3)} | "
-            f"{_cell(r, 'colour_progress', 2)} | {_cell(r, 'stripe_accuracy', 3)} | {depth} | {r['seconds']:.0f} | "
+            f"{_cell(r, 'colour_progress', 2)} | {_cell(r, 'stripe_accuracy', 3)} | {depth} | "
+            f"{_cell(r, 'depth_error', 1, 100, ' %')} | {r['seconds']:.0f} | "
             f"{per_step} |"
         )
     seen = [name for name in METHODS if "psnr_to_ideal_per_image" in result.get(name, {})]

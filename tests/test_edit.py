@@ -16,6 +16,7 @@ from nerfstudio_distill.data.edit_datamanager import EditDataManagerConfig
 from nerfstudio_distill.data.prior_sets import write_exact_prior_set
 from nerfstudio_distill.guidance.common import GuidanceOutput
 from nerfstudio_distill.guidance.config import Guidance, GuidanceConfig
+from nerfstudio_distill.pipelines.common import render_in_chunks
 from nerfstudio_distill.pipelines.edit import EditPipelineConfig, check_prompts, check_state_matches
 from nerfstudio_distill.pipelines.trainer import DistillError, DistillTrainerConfig, check_load_dir
 from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
@@ -133,20 +134,75 @@ def test_viewer_outputs_show_the_source_next_to_the_edit(pipeline):
     assert not any(k.startswith("_model._source") for k in pipeline.state_dict())
 
 
-def test_two_pass_render_gives_the_single_pass_gradient(tiny_scene, prior_set):
-    grads = []
+def thin_the_density(pipe) -> None:
+    """Stands in for edit steps that made the surface more transparent (after ``start_edit``)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in pipe.model.field.mlp_base.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("tolerance", [0.1, None], ids=["opacity-anchor", "no-anchor"])
+def test_two_pass_render_gives_the_single_pass_gradient(tiny_scene, prior_set, tolerance):
+    grads, anchors = [], []
     for chunk in (1 << 20, 500):  # one pass with autograd, then render + chunked backpropagation
-        pipe = edit_config(tiny_scene, prior_set, chunk_size=chunk).setup(device="cpu", test_mode="val")
+        config = edit_config(tiny_scene, prior_set, chunk_size=chunk, opacity_tolerance=tolerance)
+        pipe = config.setup(device="cpu", test_mode="val")
         torch.manual_seed(0)
         pipe.model.load_state_dict(reference_state(pipe))
         pipe.model.eval()  # deterministic sampling, so both passes see the same rays and samples
         pipe.start_edit(0, 10)
-        _, losses, _ = pipe.get_train_loss_dict(step=3)
+        thin_the_density(pipe)  # so the anchor pulls
+        _, losses, metrics = pipe.get_train_loss_dict(step=3)
         sum(losses.values()).backward()
         grads.append(field_grads(pipe))
+        anchors.append(metrics.get("opacity_anchor"))
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)
+    if tolerance is None:
+        assert anchors == [None, None]
+    else:
+        assert anchors[0] > 0
+        torch.testing.assert_close(anchors[1], anchors[0], rtol=1e-3, atol=1e-6)
+
+
+def test_opacity_anchor_is_the_documented_loss(pipeline):
+    """½·k·Σ(opacity − before)², k = the guidance gradient's mean per-pixel norm / the tolerance: its
+    gradient on a pixel off by the tolerance equals that mean norm."""
+    before = pipeline._opacity(0, 1.0).float()
+    anchor = pipeline._anchor(0, None, 1.0)
+    grad = torch.randn(*before.shape[:2], 3)
+    opacity = (before + pipeline.config.opacity_tolerance).requires_grad_(True)
+    anchor(opacity, grad).backward()
+    torch.testing.assert_close(opacity.grad, grad.norm(dim=-1).mean().expand_as(opacity))
+    crop = pipeline._anchor(0, (2, 3, 4, 5), 1.0)  # a crop's anchor holds the crop of the whole view
+    loss = crop(before[2:6, 3:8] + 0.2, grad[:4, :5])
+    k = grad[:4, :5].norm(dim=-1).mean() / pipeline.config.opacity_tolerance
+    torch.testing.assert_close(loss, 0.5 * k * 0.04 * 20, rtol=1e-3, atol=1e-6)
+
+
+def test_opacity_anchor_holds_the_opacity_the_edit_started_from(tiny_scene, prior_set):
+    """The opacity reference is the scene before the edit (the viewer's source copy); a resumed edit, which
+    has no such copy, holds the opacity it resumed with and leaves the viewer's source output alone."""
+    pipe = edit_config(tiny_scene, prior_set).setup(device="cpu", test_mode="val")
+    pipe.model.eval()
+    pipe.start_edit(0, 10)
+    before = pipe._opacity(0, 1.0).clone()
+    thin_the_density(pipe)
+    rays = pipe.datamanager.view_rays(0)
+    now = render_in_chunks(pipe.model, rays, 4096, with_grad=False)["accumulation"]
+    assert (now - before.float()).abs().mean() > 0.02  # the field moved, the reference did not
+    torch.testing.assert_close(pipe._opacity(0, 1.0), before)
+
+    resumed = edit_config(tiny_scene, prior_set).setup(device="cpu", test_mode="val")
+    resumed.model.load_state_dict(pipe.model.state_dict())
+    resumed.model.eval()
+    resumed.edit_start_step.fill_(0)  # as loaded from an edit's checkpoint
+    resumed.start_edit(0, 10)
+    assert "_source" not in resumed.model.__dict__
+    torch.testing.assert_close(resumed._opacity(0, 1.0).float(), now, atol=1e-3, rtol=0)
+    assert "_source" not in resumed.model.__dict__  # no "source" split screen from the resumed weights
 
 
 _REFERENCE: dict = {}

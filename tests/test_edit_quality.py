@@ -51,4 +51,6 @@ def test_pds_changes_the_colour_and_keeps_stripes_and_shape(result: dict) -> Non
     assert pds["stripe_accuracy"] > 0.9  # the stripes stay white; measured 0.99
     # measured 0.025 and 0.06 (DDS/SDS damage it by 40 %+, and so did PDS at lr 1e-2: 55 %)
     assert pds["depth_change"] < 0.2
+    # its geometry against the generator's: an edit that wrecks the shape moves it away from the truth
+    assert pds["depth_error"] < base["depth_error"] + 0.1
     assert pds["psnr_to_ideal"] > base["psnr_to_ideal"] + 1.5  # measured +3.1, +6.0 and +8.0 dB

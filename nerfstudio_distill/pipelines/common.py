@@ -47,6 +47,10 @@ Guide = Callable[[Float[Tensor, "B C h w"], dict[str, Any]], tuple[Tensor, Tenso
 """(latents of the render, render outputs) -> (surrogate loss, guidance gradient on the latents, metrics):
 the method-specific middle of :meth:`TrainingPrior.guidance_step`."""
 
+Anchor = Callable[[Float[Tensor, "*shape 1"], Float[Tensor, "*shape 3"]], Tensor]
+"""(the render's accumulated opacity, the guidance gradient on the render) -> an image-space loss on the
+opacity (:meth:`TrainingPrior.guidance_step`'s ``anchor``)."""
+
 
 def render_in_chunks(model: Model, rays: RayBundle, chunk_size: int, with_grad: bool) -> dict[str, Any]:
     """Render a ``*shape`` bundle in chunks; tensor outputs reshaped to ``*shape x C``.
@@ -73,20 +77,21 @@ def render_in_chunks(model: Model, rays: RayBundle, chunk_size: int, with_grad: 
 def backward_in_chunks(
     model: Model,
     rays: RayBundle,
-    grad_image: Float[Tensor, "*shape 3"],
+    grads: dict[str, Float[Tensor, "*shape C"]],
     chunk_size: int,
     regularizers: Regularizers | None = None,
     grad_scaler: Any = None,
-    output: str = "rgb",
 ) -> None:
-    """Second pass: re-render each chunk with autograd and backpropagate its slice of ``grad_image``
-    (the gradient on ``output``), plus the chunk's share of the regularisers."""
-    flat, grad = rays.flatten(), grad_image.reshape(-1, grad_image.shape[-1])
+    """Second pass: re-render each chunk with autograd and backpropagate its slice of each gradient in
+    ``grads`` (output name -> the gradient on that output image, e.g. "rgb"), plus the chunk's share of the
+    regularisers."""
+    flat = rays.flatten()
+    flat_grads = {key: grad.reshape(-1, grad.shape[-1]) for key, grad in grads.items()}
     n = len(flat)
     for start in range(0, n, chunk_size):
         out = model(flat[start : start + chunk_size])
-        share = out[output].shape[0] / n
-        loss = (out[output] * grad[start : start + chunk_size]).sum()
+        share = len(out[next(iter(grads))]) / n
+        loss = sum((out[key] * grad[start : start + chunk_size]).sum() for key, grad in flat_grads.items())
         if regularizers is not None:
             loss = loss + share * sum(regularizers(out).values())
         (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
@@ -273,6 +278,7 @@ class TrainingPrior:
         *,
         output: str,
         regularizers: Regularizers,
+        anchor: Anchor | None = None,
     ):
         """One guidance training step, as ``get_train_loss_dict`` returns it: render ``rays`` (``*shape``;
         or call a :data:`WholeRender`), encode the ``output`` image with autocast off (the guidance picks its
@@ -282,7 +288,12 @@ class TrainingPrior:
         than ``chunk_size``. The guidance's own losses (:meth:`Guidance.pop_losses`: VSD's LoRA loss) join the
         returned losses as they are (not times ``guidance_weight``). ``prior_resolution``, ``chunk_size`` and ``guidance_weight`` are the pipeline
         config's. On several processes the backward is done here and the gradients averaged over the ranks
-        (:meth:`_backward_and_average`)."""
+        (:meth:`_backward_and_average`).
+
+        ``anchor`` (edits): an image-space loss on the render's "accumulation" output, given it and the
+        guidance gradient on the image; the step then takes the gradient on the image first and
+        backpropagates both image gradients into the model (in one pass as the surrogate
+        Σ image·gradient, whose gradient is the same)."""
         chunk_size, prior_resolution = self.config.chunk_size, self.config.prior_resolution
         if isinstance(rays, RayBundle):
             single_pass = math.prod(rays.shape) <= chunk_size
@@ -290,9 +301,10 @@ class TrainingPrior:
         else:
             single_pass = True
             outputs = rays()
-        image = outputs[output]
-        if not single_pass:
-            image = image.detach().requires_grad_(True)
+        split = anchor is not None or not single_pass  # take the gradient on the image first
+        keys = [output, "accumulation"] if anchor is not None else [output]
+        leaves = {key: outputs[key].detach().requires_grad_(True) for key in keys} if split else {}
+        image = leaves[output] if split else outputs[output]
         with torch.autocast(device_type=image.device.type, enabled=False):
             latents = self.prior.encode(to_prior(image.float(), prior_resolution, self.prior.size_multiple))
             loss, grad, metrics = guide(latents, outputs)
@@ -306,17 +318,28 @@ class TrainingPrior:
             reason = "the render has NaN/Inf (the field has diverged)"
         elif not torch.isfinite(grad).all():
             reason = "the guidance gradient has NaN/Inf"
-        elif single_pass:
+        elif not split:
             losses = {"guidance": loss, **regularizers(outputs), **own}
             bad = first_non_finite(losses)
             reason = None if bad is None else f"the {bad} is NaN/Inf"
-        elif first_non_finite(own) is not None:
-            reason = f"the {first_non_finite(own)} is NaN/Inf"
+        elif first_non_finite({"guidance loss": loss, **own}) is not None:
+            reason = f"the {first_non_finite({'guidance loss': loss, **own})} is NaN/Inf"
         else:
-            (grad_image,) = torch.autograd.grad(loss, image)
-            scaler = self.grad_scaler
-            backward_in_chunks(self.model, rays, grad_image, chunk_size, regularizers, scaler, output)
-            losses = {"guidance": torch.zeros((), device=image.device, requires_grad=True), **own}
+            grads = {output: torch.autograd.grad(loss, image)[0]}
+            if anchor is not None:
+                opacity = leaves["accumulation"]
+                anchor_loss = anchor(opacity, grads[output])
+                grads["accumulation"] = torch.autograd.grad(anchor_loss, opacity)[0]
+                metrics["opacity_anchor"] = anchor_loss.detach()
+            if single_pass:  # the surrogate has the same gradient; the trainer backpropagates it
+                surrogate = sum((outputs[key] * grad).sum() for key, grad in grads.items())
+                losses = {"guidance": surrogate, **regularizers(outputs), **own}
+                bad = first_non_finite(losses)
+                reason = None if bad is None else f"the {bad} is NaN/Inf"
+            else:
+                scaler = self.grad_scaler
+                backward_in_chunks(self.model, rays, grads, chunk_size, regularizers, scaler)
+                losses = {"guidance": torch.zeros((), device=image.device, requires_grad=True), **own}
         if self.world_size > 1:
             losses, reason = self._backward_and_average(losses, reason, backward=single_pass)
         if reason is not None:

@@ -68,6 +68,7 @@ from nerfstudio_distill.models.edit_splatfacto import EditSplatfactoModel
 from nerfstudio_distill.models.regularizers import nerfacto_regularizers
 from nerfstudio_distill.pipelines import distributed
 from nerfstudio_distill.pipelines.common import (
+    Anchor,
     TrainingPrior,
     WholeRender,
     check_model_numbers,
@@ -125,6 +126,15 @@ class EditPipelineConfig(VanillaPipelineConfig):
     chunk by chunk), so memory stays bounded by this number. Unused by Gaussian splats (one pass)."""
     guidance_weight: float = 1.0
     """Multiplier of the guidance gradient on the render."""
+    opacity_tolerance: float | None = 0.1
+    """Opacity anchor: each guided view's opacity (nerfacto's accumulation, the splats' alpha) is held at the
+    scene's before the edit by the loss ½·k·Σ(opacity − opacity_before)² over the render's pixels, with k =
+    the guidance gradient's mean per-pixel norm / this tolerance: an opacity change of this size is pulled
+    back as hard as the guidance pushes an average pixel, whatever the prior's gradient scale. It stops the
+    guidance from changing a colour by thinning the surface (a hole shows the background, a shortcut to a
+    darker colour that wrecks the shape); shapes can still change where rays stay opaque. None: off (for
+    edits that must make things appear or vanish against an empty background). A resumed edit holds the
+    opacity it resumed with. Not used by the dataset update (photometric)."""
     mode: Literal["distill", "dataset-update"] = "distill"
     """distill: every step distils the prior's guidance (--pipeline.guidance.method) into the field, then
     the optional refinement stage (--pipeline.refine-steps). dataset-update (ns-train in2n-edit): the whole
@@ -205,6 +215,7 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
         if training:  # the prior knows its prompts (the exact prior refuses unknown ones)
             self.prior.embed([config.target_prompt.strip(), config.source_prompt.strip()])
         self._source_latents: dict[tuple[int, bool], Tensor] = {}
+        self._opacity_before: dict[tuple[int, float], Tensor] = {}
         self._num_steps = 1
         self._update_started = False
         self._prompt = config.target_prompt.strip()
@@ -277,7 +288,40 @@ class EditPipeline(TrainingPrior, VanillaPipeline):
             panel.loss.value = f"{float(out.grad_norm):.4g}"
             return out.loss, out.grad, metrics
 
-        return self.guidance_step(step, rays, guide, output="rgb", regularizers=self._regularizers)
+        anchor = None if self.config.opacity_tolerance is None else self._anchor(index, crop, scale)
+        return self.guidance_step(
+            step, rays, guide, output="rgb", regularizers=self._regularizers, anchor=anchor
+        )
+
+    def _anchor(self, index: int, crop: tuple[int, int, int, int] | None, scale: float) -> Anchor:
+        """The opacity anchor of view ``index`` (see ``opacity_tolerance``)."""
+        before = self._opacity(index, scale)
+        if crop is not None:
+            top, left, height, width = crop
+            before = before[top : top + height, left : left + width]
+
+        def anchor(opacity: Tensor, grad: Tensor) -> Tensor:
+            k = grad.detach().norm(dim=-1).mean() / self.config.opacity_tolerance
+            return 0.5 * k * ((opacity - before.to(opacity)) ** 2).sum()
+
+        return anchor
+
+    def _opacity(self, index: int, scale: float) -> Tensor:
+        """View ``index``'s whole opacity image (``H x W x 1``, at ``scale``) in the scene before the edit (the
+        model's kept source; a resumed edit: its weights when it resumed); cached (float16, on the CPU)."""
+        if (index, scale) not in self._opacity_before:
+            reference = self.model.__dict__.get("_source", self.__dict__.get("_resumed_scene"))
+            if reference is None:  # a resumed edit: keep_source's copy, kept out of the viewer's source_rgb
+                self.model.keep_source()
+                reference = self.__dict__["_resumed_scene"] = self.model.__dict__.pop("_source")
+            with torch.no_grad():
+                if self.whole_views:
+                    outputs = reference.guidance_outputs(self.datamanager.view_camera(index, scale))
+                else:
+                    rays = self.datamanager.view_rays(index, scale)
+                    outputs = render_in_chunks(reference, rays, self.config.chunk_size, with_grad=False)
+            self._opacity_before[(index, scale)] = outputs["accumulation"].detach().half().cpu()
+        return self._opacity_before[(index, scale)]
 
     def _viewer_guidance(self) -> GuidanceConfig:
         """The guidance settings with the panel's CFG, ψ and χ scales, if they pass the config's checks."""
