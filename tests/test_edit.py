@@ -205,6 +205,32 @@ def test_opacity_anchor_holds_the_opacity_the_edit_started_from(tiny_scene, prio
     assert "_source" not in resumed.model.__dict__  # no "source" split screen from the resumed weights
 
 
+def test_the_edit_does_not_depend_on_the_priors_gradient_scale(tiny_scene, prior_set):
+    """#16: why the field's learning rate need not be derived from the prior. A prior whose gradients are
+    10x larger (here: guidance_weight 10) moves the field by the same Adam steps, the opacity anchor
+    included (its pull scales with the guidance gradient); only nerfacto's sampling regularisers, which do
+    not scale, differ, and they are small beside the guidance."""
+    fields = []
+    for weight in (1.0, 10.0):
+        pipe = edit_config(tiny_scene, prior_set, guidance_weight=weight).setup(device="cpu", test_mode="val")
+        pipe.model.load_state_dict(reference_state(pipe))
+        pipe.model.eval()  # deterministic sampling
+        pipe.start_edit(0, 10)
+        params = [p for p in pipe.model.field.parameters() if p.requires_grad]
+        start = torch.cat([p.detach().flatten() for p in params])
+        adam = torch.optim.Adam(params, lr=3e-3, eps=1e-15)  # pds-edit's field group
+        for step in range(3):
+            adam.zero_grad()
+            _, losses, _ = pipe.get_train_loss_dict(step=step)
+            sum(losses.values()).backward()
+            adam.step()
+        fields.append(torch.cat([p.detach().flatten() for p in params]))
+    moved = (fields[0] - start).abs().mean()
+    assert moved > 1e-4  # the edit moved the field
+    print(f"moved {moved:.3g}, difference {(fields[1] - fields[0]).abs().mean():.3g}")
+    assert (fields[1] - fields[0]).abs().mean() < 0.05 * moved
+
+
 _REFERENCE: dict = {}
 
 

@@ -3,7 +3,8 @@ representations (the model config): nerfacto (``*-edit``) and Gaussian splats (`
 
 ``distill`` (``pds-edit``, ``dds-edit``, ``sds-edit``; only ``guidance.method`` differs): each step renders
 one training view with gradients, encodes it, asks the guidance function for the gradient on the latents,
-and backpropagates it into the field. The source branch (DDS/PDS) is the view's original image, encoded
+and backpropagates it into the field, with the opacity anchor (``opacity_tolerance``) holding the view's
+opacity at the scene's before the edit. The source branch (DDS/PDS) is the view's original image, encoded
 once and cached. With an image-conditioned prior (InstructPix2Pix) every branch is also conditioned on the
 view's original image: the target prompt is the instruction, and the source branch of DDS/PDS is the empty
 instruction with that same image (as DreamCatalyst does). An optional refinement stage (the last
