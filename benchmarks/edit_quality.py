@@ -208,6 +208,9 @@ class Settings:
     lr: float | None = None
     """Learning rate of the field's Adam during the edit (``--optimizers.fields.optimizer.lr``); None: the
     methods' default (3e-3)."""
+    opacity_tolerance: str | None = None
+    """``--pipeline.opacity-tolerance`` of every edit: a number, or "None" (no opacity anchor); None: the
+    methods' default (DDS and SDS 0.1, PDS none)."""
     t_min: float = 0.02
     """Lowest t of the edit, as a fraction of T (PDS snaps t to its 500-step grid)."""
     t_max: float = 0.98
@@ -412,6 +415,8 @@ def edit_flags(s: Settings, prior: Path, base_models: Path, row: Row = ROWS["pds
         flags += ["--pipeline.datamanager.train-num-rays-per-batch", str(s.resolution**2)]
     if s.cfg is not None:
         flags += ["--pipeline.guidance.guidance-scale", str(s.cfg)]
+    if s.opacity_tolerance is not None:
+        flags += ["--pipeline.opacity-tolerance", s.opacity_tolerance]
     if s.lr is not None:
         group = "means" if s.representation == "splatfacto" else "fields"
         flags += [f"--optimizers.{group}.optimizer.lr", str(s.lr)]
@@ -786,6 +791,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "methods":
             parser.add_argument(flag, nargs="+", choices=METHODS, default=list(METHODS))
+        elif f.name == "opacity_tolerance":  # a number or "None"
+            parser.add_argument(flag, default=None, help='a number or "None"; default: the methods\' own')
         elif getattr(defaults, f.name) is None:  # cfg, lr: None leaves the method's default
             parser.add_argument(flag, type=float, default=None, help="default: the methods' own")
         else:

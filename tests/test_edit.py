@@ -152,7 +152,8 @@ def test_two_pass_render_gives_the_single_pass_gradient(tiny_scene, prior_set, t
         pipe.model.load_state_dict(reference_state(pipe))
         pipe.model.eval()  # deterministic sampling, so both passes see the same rays and samples
         pipe.start_edit(0, 10)
-        thin_the_density(pipe)  # so the anchor pulls
+        for index in range(pipe.datamanager.num_train_views):  # as if the scene had been empty: it pulls
+            pipe._opacity_before[(index, 1.0)] = torch.zeros_like(pipe._opacity(index, 1.0))
         _, losses, metrics = pipe.get_train_loss_dict(step=3)
         sum(losses.values()).backward()
         grads.append(field_grads(pipe))
@@ -169,17 +170,32 @@ def test_two_pass_render_gives_the_single_pass_gradient(tiny_scene, prior_set, t
 
 def test_opacity_anchor_is_the_documented_loss(pipeline):
     """½·k·Σ(opacity − before)², k = the guidance gradient's mean per-pixel norm / the tolerance: its
-    gradient on a pixel off by the tolerance equals that mean norm."""
+    gradient on a pixel off by the tolerance equals that mean norm, in either direction."""
+    tol = pipeline.config.opacity_tolerance
     before = pipeline._opacity(0, 1.0).float()
     anchor = pipeline._anchor(0, None, 1.0)
     grad = torch.randn(*before.shape[:2], 3)
-    opacity = (before + pipeline.config.opacity_tolerance).requires_grad_(True)
-    anchor(opacity, grad).backward()
-    torch.testing.assert_close(opacity.grad, grad.norm(dim=-1).mean().expand_as(opacity))
+    for offset, pull in [(tol, 1.0), (-tol, -1.0), (0.5 * tol, 0.5)]:
+        opacity = (before + offset).requires_grad_(True)
+        anchor(opacity, grad).backward()
+        expected = pull * grad.norm(dim=-1).mean().expand_as(opacity)
+        torch.testing.assert_close(opacity.grad, expected, rtol=1e-3, atol=1e-6)
     crop = pipeline._anchor(0, (2, 3, 4, 5), 1.0)  # a crop's anchor holds the crop of the whole view
     loss = crop(before[2:6, 3:8] + 0.2, grad[:4, :5])
-    k = grad[:4, :5].norm(dim=-1).mean() / pipeline.config.opacity_tolerance
-    torch.testing.assert_close(loss, 0.5 * k * 0.04 * 20, rtol=1e-3, atol=1e-6)
+    k = grad[:4, :5].norm(dim=-1).mean() / tol
+    torch.testing.assert_close(loss, 0.5 * k * 0.2**2 * 20, rtol=1e-3, atol=1e-6)
+
+
+def test_each_edit_method_has_its_opacity_anchor():
+    """PDS, whose identity term holds the scene to its photos, has no anchor; DDS and SDS have one."""
+    from method_configs._edit import guided_edits
+
+    tolerance = {name: m.config.pipeline.opacity_tolerance for name, m in guided_edits().items()}
+    assert tolerance == {
+        "pds-edit": None, "dds-edit": 0.1, "sds-edit": 0.1,
+        "pds-splatfacto": None, "dds-splatfacto": 0.1, "sds-splatfacto": 0.1,
+    }  # fmt: skip
+    assert EditPipelineConfig().opacity_tolerance == 0.1
 
 
 def test_opacity_anchor_holds_the_opacity_the_edit_started_from(tiny_scene, prior_set):

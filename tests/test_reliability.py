@@ -99,6 +99,8 @@ BAD_EDITS = [
     ("grid-steps-1", ["--pipeline.guidance.num-grid-steps", "1"], ["--pipeline.guidance.num-grid-steps"]),
     ("grad-clip-0", ["--pipeline.guidance.grad-clip", "0"], ["--pipeline.guidance.grad-clip"]),
     ("guidance-weight-nan", ["--pipeline.guidance-weight", "nan"], ["--pipeline.guidance-weight"]),
+    ("opacity-tolerance-0", ["--pipeline.opacity-tolerance", "0"], ["--pipeline.opacity-tolerance", "> 0", "None"]),
+    ("opacity-tolerance-nan", ["--pipeline.opacity-tolerance", "nan"], ["--pipeline.opacity-tolerance"]),
     ("max-bad-steps-0", ["--max-bad-steps", "0"], ["--max-bad-steps"]),
     ("zero-iterations", ["--max-num-iterations", "0"], ["--max-num-iterations"]),
     ("missing-data", ["--data", "/no/such/scene"], ["--data /no/such/scene", "transforms.json"]),

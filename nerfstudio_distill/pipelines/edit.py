@@ -134,7 +134,8 @@ class EditPipelineConfig(VanillaPipelineConfig):
     back as hard as the guidance pushes an average pixel, whatever the prior's gradient scale. It stops the
     guidance from changing a colour by thinning the surface (a hole shows the background, a shortcut to a
     darker colour that wrecks the shape); shapes can still change where rays stay opaque. None: off (for
-    edits that must make things appear or vanish against an empty background). A resumed edit holds the
+    edits that must make things appear or vanish against an empty background). pds-edit and pds-splatfacto
+    default to None: PDS's identity term holds the scene to its photos. A resumed edit holds the
     opacity it resumed with. Not used by the dataset update (photometric)."""
     mode: Literal["distill", "dataset-update"] = "distill"
     """distill: every step distils the prior's guidance (--pipeline.guidance.method) into the field, then
@@ -587,6 +588,12 @@ def check_edit(config: EditPipelineConfig, trainer: TrainerConfig) -> None:
     for name, value in [("render_scale", config.render_scale), ("guidance_weight", config.guidance_weight)]:
         if not math.isfinite(value):
             raise DistillError(f"{flag}{name.replace('_', '-')} is {value}: pass a finite number")
+    tolerance = config.opacity_tolerance
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise DistillError(
+            f"{flag}opacity-tolerance is {tolerance}: pass an opacity change > 0 (DDS and SDS default to 0.1), "
+            "or None to turn the opacity anchor off"
+        )
     if not config.render_scale > 0:
         raise DistillError(
             f"{flag}render-scale is {config.render_scale}: pass a fraction > 0 of the view size (0.5: half "
