@@ -322,8 +322,8 @@ class TrainingPrior:
             losses = {"guidance": loss, **regularizers(outputs), **own}
             bad = first_non_finite(losses)
             reason = None if bad is None else f"the {bad} is NaN/Inf"
-        elif first_non_finite({"guidance loss": loss, **own}) is not None:
-            reason = f"the {first_non_finite({'guidance loss': loss, **own})} is NaN/Inf"
+        elif (bad := first_non_finite({"guidance loss": loss, **own})) is not None:
+            reason = f"the {bad} is NaN/Inf"
         else:
             grads = {output: torch.autograd.grad(loss, image)[0]}
             if anchor is not None:
