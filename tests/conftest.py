@@ -196,6 +196,21 @@ def edit_flags(prior_folder: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture
+def deterministic_kernels():
+    """torch's deterministic kernels for one test (as ns-train uses them on CPU), restored afterwards: with
+    several threads the hash grid's backward otherwise adds in a thread-dependent order."""
+    import torch
+
+    from nerfstudio_distill.compat.seeding import deterministic
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic(True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 # ------------------------------------------------------------ the real CLIs, in this process
 def run_here(cli, args: list[str]) -> None:
     """A console command run to completion in this process (no interpreter start, ~10 s less each):

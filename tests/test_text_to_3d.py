@@ -235,7 +235,9 @@ def camera_prior_set(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["sds", "sdi"])
-def test_a_camera_conditioned_prior_changes_the_step(prior_set, camera_prior_set, method):
+def test_a_camera_conditioned_prior_changes_the_step(
+    prior_set, camera_prior_set, method, deterministic_kernels
+):
     """A step with the camera-conditioned exact prior gets the rendered views' cameras and a gradient that
     differs from the plain prior's on the same images; the plain prior's step is reproducible (so the
     difference is the camera's)."""
