@@ -192,8 +192,11 @@ class Settings:
 
     steps: int = 200
     """Edit steps of every method (``--max-num-iterations`` after ``--load-dir``)."""
-    base_steps: int = 300
-    """Steps of the base ``ns-train nerfacto``."""
+    base_steps: int | None = None
+    """Steps of the base ``ns-train nerfacto`` (or ``splatfacto``); None: 1000 for nerfacto, where the bases
+    have settled (about 40 dB to the source; 300 steps left them unsettled and broke some, which an edit
+    then moved or repaired), 300 for splatfacto (see the README: longer splat bases densify past what the
+    CPU rasteriser can edit in time)."""
     views: int = 16
     """Ring cameras (nerfstudio-data holds out about every 10th as eval)."""
     resolution: int = 48
@@ -241,6 +244,10 @@ class Settings:
     ``*-splatfacto``; no in2n row)."""
     gaussians: int = 2000
     """Random Gaussians the splatfacto base starts from (representation splatfacto)."""
+
+    def __post_init__(self) -> None:
+        if self.base_steps is None:
+            self.base_steps = 300 if self.representation == "splatfacto" else 1000
 
 
 # Small nerfacto for CPU; identical in the base and every edit (the edit checks the checkpoint matches).
@@ -793,6 +800,10 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
             parser.add_argument(flag, nargs="+", choices=METHODS, default=list(METHODS))
         elif f.name == "opacity_tolerance":  # a number or "None"
             parser.add_argument(flag, default=None, help='a number or "None"; default: the methods\' own')
+        elif f.name == "base_steps":
+            parser.add_argument(
+                flag, type=int, default=None, help="default: 1000 (nerfacto), 300 (splatfacto)"
+            )
         elif getattr(defaults, f.name) is None:  # cfg, lr: None leaves the method's default
             parser.add_argument(flag, type=float, default=None, help="default: the methods' own")
         else:
