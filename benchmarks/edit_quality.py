@@ -195,8 +195,8 @@ class Settings:
     base_steps: int | None = None
     """Steps of the base ``ns-train nerfacto`` (or ``splatfacto``); None: 1000 for nerfacto, where the bases
     have mostly settled (37-43 dB to the source on the ball, 25-37 dB on the box; 300 steps left them
-    unsettled and broke some, which an edit then moved or repaired), 300 for splatfacto (see the README: longer splat bases densify past what the
-    CPU rasteriser can edit in time)."""
+    unsettled and broke some, which an edit then moved or repaired), 300 for splatfacto (see the README:
+    longer splat bases densify past what the CPU rasteriser can edit in time)."""
     views: int = 16
     """Ring cameras (nerfstudio-data holds out about every 10th as eval)."""
     resolution: int = 48
