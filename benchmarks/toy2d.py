@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nerfstudio_distill.guidance import dds, pds, sds
+from nerfstudio_distill.guidance.config import METHODS as GUIDANCE_METHODS
 from nerfstudio_distill.guidance.config import GuidanceConfig
 from nerfstudio_distill.priors.exact import ExactPrior
 
@@ -56,6 +57,8 @@ class Settings:
     pds_rule: str = GuidanceConfig().pds_rule
     """PDS rule: "reference" (published) or "balanced" (conditional edit term, orthogonal identity term);
     default: pds-edit's."""
+    pds_weighting: str = GUIDANCE_METHODS["pds"].weighting
+    """PDS w(t) on its edit term ("chi": the published χ(t)); default: pds-edit's."""
     lr: float = 0.05
     """Peak step size of plain gradient descent."""
     lr_schedule: str = "cosine"
@@ -117,7 +120,7 @@ def gradient(
     noise: Float[Tensor, "N 2"],
     s: Settings,
 ) -> Float[Tensor, "N 2"]:
-    """One guidance gradient from the library (each method with its paper's weighting)."""
+    """One guidance gradient from the library (SDS and DDS with their papers' weightings, PDS with pds-edit's)."""
     if method == "sds":
         return sds(prior, x, TGT, t=t, noise=noise, guidance_scale=s.cfg).grad
     if method == "dds":
@@ -134,6 +137,7 @@ def gradient(
             guidance_scale=s.cfg,
             psi_scale=s.psi_scale,
             rule=s.pds_rule,
+            weighting=s.pds_weighting,
         ).grad
     raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
 

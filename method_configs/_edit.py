@@ -123,7 +123,7 @@ GUIDANCE_EDITS: dict[str, tuple[GuidanceConfig, str, dict[str, Any]]] = {
         {"opacity_tolerance": None},
     ),
     "dds": (
-        GuidanceConfig(method="dds", weighting="uniform"),
+        GuidanceConfig(method="dds"),
         "Delta Denoising Score (editing baseline)",
         {},
     ),

@@ -225,6 +225,27 @@ def test_pds_consecutive_has_exactly_zero_psi(prior):
     torch.testing.assert_close(out.chi, chi_exact, atol=0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_pds_weighting_gives_the_edit_term_w_and_keeps_psi_over_chi(prior, weighting):
+    """weighting=w scales the published gradient by w(t)/χ(t): the edit term then weighs w(t) (as DDS with
+    that weighting, when ψ = 0) and ψ/χ is unchanged per t; "chi" is the published gradient itself."""
+    t = prior.timestep_grid(500)[torch.tensor([30, 250, 400])]
+    x0, x0_src, eps = latents(0), latents(5).detach(), randn(3, *SHAPE, seed=1)
+    kw = dict(t=t, noise=eps, guidance_scale=SCALE)
+    published = pds(prior, x0, x0_src, "cat", "dog", **kw)
+    assert torch.equal(pds(prior, x0, x0_src, "cat", "dog", weighting="chi", **kw).grad, published.grad)
+    out = pds(prior, x0, x0_src, "cat", "dog", weighting=weighting, **kw)
+    w = weight(weighting, prior.alphas_cumprod, t)
+    torch.testing.assert_close(out.chi, w, atol=0, rtol=1e-12)
+    torch.testing.assert_close(out.psi / out.chi, published.psi / published.chi, atol=0, rtol=1e-12)
+    torch.testing.assert_close(out.grad, col(w / published.chi) * published.grad, atol=1e-12, rtol=1e-9)
+    edit_only = pds(prior, x0, x0_src, "cat", "dog", weighting=weighting, psi_scale=0.0, **kw)
+    as_dds = dds(prior, x0, x0_src, "cat", "dog", weighting=weighting, **kw)
+    torch.testing.assert_close(edit_only.grad, as_dds.grad, **CLOSE)
+    with pytest.raises(ValueError, match="unknown weighting"):
+        pds(prior, x0, x0_src, "cat", "dog", weighting="dreamfusion", **kw)
+
+
 def test_psi_scale_scales_only_the_identity_term(prior):
     t = prior.timestep_grid(500)[torch.tensor([30, 250, 400])]
     x0, x0_src, eps = latents(0), latents(5).detach(), randn(3, *SHAPE, seed=1)
@@ -325,10 +346,10 @@ def call_by_hand(prior, method, x0, src, t, generator):
             num_inversion_steps=2, inversion_eta=0.1, **common,
         )  # fmt: skip
     if method == "dds":
-        return dds(prior, x0, src, "cat", "dog", **common)
+        return dds(prior, x0, src, "cat", "dog", weighting="fantasia", **common)
     return pds(
         prior, x0, src, "cat", "dog", schedule="reference", num_grid_steps=50, psi_scale=0.7, chi_scale=1.3,
-        rule="reference", **common,
+        rule="reference", weighting="fantasia", **common,
     )  # fmt: skip
 
 
@@ -342,6 +363,33 @@ def test_config_calls_its_method_with_its_options(prior, method):
     t = config.sample_t(prior, x0.shape[0], 0.3, rng)
     expected = call_by_hand(prior, method, x0, src, t, rng)
     assert torch.equal(out.t, expected.t) and torch.equal(out.grad, expected.grad)
+
+
+@pytest.mark.parametrize("method", ["sds", "sdi", "dds", "pds"])
+def test_config_without_weighting_uses_the_method_default(prior, method):
+    """weighting=None: the method table's default (each method's published one), passed to the function."""
+    x0, src = latents(), latents(5).detach()
+    config = GuidanceConfig(method=method, guidance_scale=SCALE)
+    assert config.weighting is None
+    out = config(prior, x0, "cat", x0_src=src, prompt_src="dog", progress=0.3, generator=gen(7))
+    rng = gen(7)
+    t = config.sample_t(prior, x0.shape[0], 0.3, rng)
+    args = (x0, "cat") if method in ("sds", "sdi") else (x0, src, "cat", "dog")
+    rule = {"rule": config.pds_rule} if method == "pds" else {}
+    expected = METHODS[method].run(
+        prior, *args, t=t, guidance_scale=SCALE, generator=rng, weighting=METHODS[method].weighting, **rule
+    )
+    assert torch.equal(out.grad, expected.grad)
+    assert {m: METHODS[m].weighting for m in ("sds", "sdi", "dds", "pds", "vsd")} == dict(
+        sds="sds", sdi="sds", dds="uniform", pds="chi", vsd="sds"
+    )
+
+
+def test_pds_own_weighting_only_with_pds():
+    GuidanceConfig(method="pds", weighting="chi").check()
+    with pytest.raises(DistillError) as err:
+        GuidanceConfig(method="dds", weighting="chi").check()
+    assert "--pipeline.guidance.weighting" in one_line(err) and "sds, uniform" in str(err.value)
 
 
 def test_method_table_matches_the_cli_choices():

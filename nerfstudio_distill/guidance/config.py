@@ -20,9 +20,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from nerfstudio_distill.errors import DistillError
-from nerfstudio_distill.guidance.common import GuidanceOutput, TimestepSchedule
+from nerfstudio_distill.guidance.common import WEIGHTINGS, GuidanceOutput, TimestepSchedule
 from nerfstudio_distill.guidance.dds import dds
-from nerfstudio_distill.guidance.pds import pds
+from nerfstudio_distill.guidance.pds import PDS_WEIGHTING, pds
 from nerfstudio_distill.guidance.sdi import sdi
 from nerfstudio_distill.guidance.sds import sds
 from nerfstudio_distill.guidance.vsd import vsd
@@ -133,12 +133,16 @@ class Method:
     """Takes each view's camera (VSD: its LoRA is conditioned on it), which only text to 3D has."""
     options: dict[str, str] = field(default_factory=dict)
     """Keyword of ``run`` -> the GuidanceConfig field passed to it."""
+    weighting: str | None = None
+    """w(t) passed when ``GuidanceConfig.weighting`` is None (methods whose ``options`` take one)."""
     module: type[Guidance] = Guidance
     """What ``GuidanceConfig.setup`` builds: a :class:`Guidance` subclass for a method with state."""
 
 
 METHODS: dict[str, Method] = {
-    "sds": Method(sds, edits=True, options={"weighting": "weighting", "grad_clip": "grad_clip"}),
+    "sds": Method(
+        sds, edits=True, options={"weighting": "weighting", "grad_clip": "grad_clip"}, weighting="sds"
+    ),
     "sdi": Method(
         sdi,
         uses_inversion=True,
@@ -149,8 +153,11 @@ METHODS: dict[str, Method] = {
             "num_inversion_steps": "num_inversion_steps",
             "inversion_eta": "inversion_eta",
         },
+        weighting="sds",
     ),
-    "dds": Method(dds, needs_source=True, edits=True),
+    "dds": Method(
+        dds, needs_source=True, edits=True, options={"weighting": "weighting"}, weighting="uniform"
+    ),
     "pds": Method(
         pds,
         needs_source=True,
@@ -162,7 +169,9 @@ METHODS: dict[str, Method] = {
             "psi_scale": "psi_scale",
             "chi_scale": "chi_scale",
             "rule": "pds_rule",
+            "weighting": "weighting",
         },
+        weighting=PDS_WEIGHTING,  # published; "sds" arrives faster but held less identity (README)
     ),
     "vsd": Method(
         vsd,
@@ -174,6 +183,7 @@ METHODS: dict[str, Method] = {
             "lora_guidance_scale": "lora_guidance_scale",
             "camera_dropout": "camera_dropout",
         },
+        weighting="sds",
     ),
 }
 """The one table of guidance methods (``--pipeline.guidance.method``), by name."""
@@ -209,9 +219,13 @@ class GuidanceConfig:
     timesteps: TimestepSchedule = field(default_factory=TimestepSchedule)
     """Range of diffusion timesteps t (fractions of T) and its annealing over training. Lower max_fraction
     for finer, more local edits; PDS snaps t to its DDIM grid."""
-    weighting: Literal["sds", "uniform", "fantasia", "sqrt"] = "sds"
-    """w(t) of sds/sdi: 1−ᾱ_t ("sds"), 1 ("uniform") or √ᾱ_t(1−ᾱ_t) ("fantasia"/"sqrt"). dds and pds use
-    none."""
+    weighting: Literal["sds", "uniform", "fantasia", "sqrt", "chi"] | None = None
+    """w(t): 1−ᾱ_t ("sds"), 1 ("uniform"), √ᾱ_t(1−ᾱ_t) ("fantasia"/"sqrt") or, pds only, its published χ(t)
+    ("chi"). None: the method's published one: "sds" for sds, sdi and vsd, "uniform" for dds, "chi" for pds.
+    With pds, w(t) is the weight of the edit term ε̂_tgt − ε̂_src, and the identity term keeps the published
+    ratio ψ(t)/χ(t) to it; "sds" makes a pds edit arrive sooner (χ(t)'s weight on small t halves its drift
+    against its noise under Adam) but holds less of what the prompt does not concern (README, edit
+    benchmark)."""
     grad_clip: float | None = None
     """Clip the sds/sdi gradient on the latents to [−c, c]; None: no clipping."""
     psi_scale: float = 1.0
@@ -272,6 +286,10 @@ class GuidanceConfig:
                 raise DistillError(
                     f"{flag}{name.replace('_', '-')} is {getattr(self, name)}: pass 0 or more (0 switches the term off)"
                 )
+        if self.weighting == PDS_WEIGHTING and self.method != "pds":
+            raise DistillError(
+                f"{flag}weighting {PDS_WEIGHTING!r} is PDS's own: pick one of {', '.join(WEIGHTINGS)} for {self.method}"
+            )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise DistillError(
                 f"{flag}grad-clip is {self.grad_clip}: pass a positive bound, or None for no clipping"
@@ -323,6 +341,8 @@ class GuidanceConfig:
         spec = self.spec
         t = self.sample_t(prior, x0.shape[0], progress, generator)
         options = {keyword: getattr(self, name) for keyword, name in spec.options.items()}
+        if "weighting" in options and options["weighting"] is None:
+            options["weighting"] = spec.weighting
         args: tuple = (x0, prompt)
         if spec.needs_source:
             if x0_src is None:

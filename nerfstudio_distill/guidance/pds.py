@@ -36,6 +36,15 @@ the README's 2D toy section):
   and near the target, where that term is mostly the render's residual error, the identity term's pull
   back to the source survived and the edit stalled (README, edit benchmark).
 
+``weighting`` sets how the t's are weighed against each other without touching ψ/χ at any t: the whole
+gradient is scaled by w(t)/χ(t), so the edit term weighs w(t) (as in DDS and SDS) and the identity term
+ψ(t)/χ(t) · w(t). The published gradient (None, or "chi") weighs the edit term by χ(t), i.e. by
+χ(t)√(ᾱ_t/(1−ᾱ_t)) in x0, a weight that falls about 200x from t = 0.02 T to 0.98 T. Under Adam, whose
+steps divide by the gradient's running RMS, those rare large small-t draws set the step size: at the start
+of an edit the drift against the noise is about half of what 1 − ᾱ_t gives, so the edit arrives later.
+But small t is where ψ/χ is largest and the prior's x̂0 is local, i.e. where the identity is held: with
+1 − ᾱ_t an edit lost a pattern that χ(t) kept (README, edit benchmark).
+
 With a prior whose CFG has more branches (InstructPix2Pix: text and image), "balanced" takes the
 conditional branch with every part of the condition kept, s_T · (ε̂(x_t; c_T, c_I) − ε̂(x_t^src; ∅, c_I))
 with s the text scale; the image scale s_I is not used (both sides carry the same source image, and the
@@ -61,6 +70,7 @@ from nerfstudio_distill.guidance.common import (
     finish,
     per_sample,
     resolve_noise,
+    weight,
 )
 from nerfstudio_distill.priors.base import CFG, Condition, Prior
 
@@ -68,6 +78,8 @@ PDS_SCHEDULES = ("reference", "consecutive")
 """Valid values of ``schedule`` in :func:`pds`."""
 PDS_RULES = ("reference", "balanced")
 """Valid values of ``rule`` in :func:`pds` (module docstring)."""
+PDS_WEIGHTING = "chi"
+"""``weighting`` of :func:`pds` that keeps the published χ(t) on the edit term (as None does)."""
 
 
 def pds_timesteps(
@@ -155,6 +167,7 @@ def pds(
     psi_scale: float = 1.0,
     chi_scale: float = 1.0,
     rule: Literal["reference", "balanced"] = "reference",
+    weighting: str | None = None,
     generator: torch.Generator | None = None,
 ) -> GuidanceOutput:
     """∇_x0 L_PDS = psi_scale · ψ(t) (x0 − x0_src) + chi_scale · χ(t) (ε̂_tgt − ε̂_src) (module docstring).
@@ -178,6 +191,10 @@ def pds(
         psi_scale: factor on ψ (identity-preservation term).
         chi_scale: factor on χ (editing term).
         rule: ``"reference"`` (the published gradient) or ``"balanced"`` (module docstring).
+        weighting: None or ``"chi"`` (published): the edit term weighs χ(t). A name of
+            :data:`~nerfstudio_distill.guidance.common.WEIGHTINGS`: the whole gradient is scaled by w(t)/χ(t),
+            so the edit term weighs w(t) as in DDS/SDS and the identity term keeps its published ratio
+            ψ(t)/χ(t) to it.
         generator: RNG for t and ε when they are drawn.
     """
     if rule not in PDS_RULES:
@@ -189,6 +206,9 @@ def pds(
     # x_t of target and source with the same ε (DDPM Eq. 4)
     x_t = torch.stack([add_noise(prior.alphas_cumprod, x, noise, t) for x in (x0.detach(), x0_src)])
     psi, chi = pds_coefficients(prior, t, t_prev, schedule)
+    if weighting not in (None, PDS_WEIGHTING):  # the edit term weighs w(t); ψ/χ kept per t
+        w = weight(weighting, prior.alphas_cumprod, t).to(chi) / chi
+        psi, chi = w * psi, w * chi
     psi, chi = psi_scale * psi, chi_scale * chi
     identity = x0.detach() - x0_src
     if rule == "reference":
