@@ -178,6 +178,17 @@ SCENES = {
         ({}, {"checks": 3}, {"checks": 4}, {"pattern": "stripes", "stripes": 2}, {"pattern": "stripes", "stripes": 4},
          {"pattern": "none"}, {"secondary": "white"}),
     ),
+    # Added to test PDS's weighting, never tuned on: an orange ball with a cyan checker, to green. The
+    # checks' colour lies farther from orange than green does (grey did not: a target image with more grey
+    # was nearer to the source than the ideal edit, which the identity check caught).
+    "orb": BenchScene(
+        SceneSpec(colour="orange", pattern="checker", checks=3, secondary="cyan", background="black", shading="albedo"),
+        {"colour": "green"},
+        ("an orange ball", "a green ball"),
+        "make the ball green",
+        ({}, {"checks": 2}, {"checks": 4}, {"pattern": "stripes", "stripes": 3}, {"pattern": "stripes", "stripes": 5},
+         {"pattern": "none"}, {"secondary": "white"}),
+    ),
 }  # fmt: skip
 """Benchmark scenes by name (``--scene``)."""
 KEEP = "leave it as it is"
@@ -233,7 +244,8 @@ class Settings:
     """Seed of the base and of the edits' view/t/noise draws."""
     scene: str = "ball"
     """Which scene of SCENES: "ball" (a red ball with 3 white stripes, edited to blue; the settings above
-    were chosen on it) or "box" (a green box with yellow checks, edited to purple; never tuned on)."""
+    were chosen on it), "box" (a green box with yellow checks, edited to purple; not tuned on) or "orb" (an
+    orange ball with a cyan checker, edited to green; never tuned on)."""
     threads: int = 1
     """torch threads of every ns-train and of the evaluation. On a busy 2-core machine one thread ran a
     nerfacto step 4-6x faster than two (two threads mostly wait for each other)."""
@@ -798,6 +810,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "methods":
             parser.add_argument(flag, nargs="+", choices=METHODS, default=list(METHODS))
+        elif f.name == "scene":
+            parser.add_argument(flag, choices=list(SCENES), default=defaults.scene)
         elif f.name == "opacity_tolerance":  # a number or "None"
             parser.add_argument(flag, default=None, help='a number or "None"; default: the methods\' own')
         elif f.name == "base_steps":

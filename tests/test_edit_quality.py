@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from benchmarks.edit_quality import Settings, run
+from benchmarks.edit_quality import SCENES, Settings, identity_check, make_data, parse, run
 
 SMALL = Settings(resolution=32, base_steps=200, steps=100, methods=("pds",))
 
@@ -54,3 +54,22 @@ def test_pds_changes_the_colour_and_keeps_stripes_and_shape(result: dict) -> Non
     # its geometry against the generator's: an edit that wrecks the shape moves it away from the truth
     assert pds["depth_error"] < base["depth_error"] + 0.1
     assert pds["psnr_to_ideal"] > base["psnr_to_ideal"] + 1.5  # measured +3.1, +6.0 and +8.0 dB
+
+
+@pytest.mark.parametrize("scene", list(SCENES))
+def test_every_scene_measures_identity_by_construction(scene: str, tmp_path) -> None:
+    """Each benchmark scene's ideal edit is the target image nearest to the source in every view, at the
+    benchmark's own size (the orb's first, grey checker failed this: grey lies between orange and green)."""
+    s = Settings(scene=scene)
+    scene_dir, prior, _ = make_data(s, tmp_path)
+    check = identity_check(scene_dir, prior, SCENES[scene].prompts[1])
+    assert check["ideal_is_nearest"] == f"{s.views}/{s.views}"
+    assert check["margin"] > 1.03  # measured 1.088 (ball), 1.047 (box), 1.137 (orb)
+
+
+def test_unknown_scene_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--scene", "cube"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--scene" in error and all(name in error for name in SCENES)
