@@ -189,6 +189,15 @@ SCENES = {
         ({}, {"checks": 2}, {"checks": 4}, {"pattern": "stripes", "stripes": 3}, {"pattern": "stripes", "stripes": 5},
          {"pattern": "none"}, {"secondary": "white"}),
     ),
+    # Added untouched, to check PDS's candidate weighting (uniform): a pink box with blue stripes, to yellow.
+    "crate": BenchScene(
+        SceneSpec(shape="box", colour="pink", pattern="stripes", stripes=3, secondary="blue", background="black", shading="albedo"),
+        {"colour": "yellow"},
+        ("a pink box", "a yellow box"),
+        "make the box yellow",
+        ({}, {"stripes": 2}, {"stripes": 5}, {"pattern": "checker", "checks": 2}, {"pattern": "checker", "checks": 3},
+         {"pattern": "none"}, {"secondary": "white"}),
+    ),
 }  # fmt: skip
 """Benchmark scenes by name (``--scene``)."""
 KEEP = "leave it as it is"
@@ -244,8 +253,9 @@ class Settings:
     """Seed of the base and of the edits' view/t/noise draws."""
     scene: str = "ball"
     """Which scene of SCENES: "ball" (a red ball with 3 white stripes, edited to blue; the settings above
-    were chosen on it), "box" (a green box with yellow checks, edited to purple; not tuned on) or "orb" (an
-    orange ball with a cyan checker, edited to green; never tuned on)."""
+    were chosen on it), "box" (a green box with yellow checks, edited to purple; not tuned on), "orb" (an
+    orange ball with a cyan checker, edited to green; never tuned on) or "crate" (a pink box with blue
+    stripes, edited to yellow; never tuned on)."""
     threads: int = 1
     """torch threads of every ns-train and of the evaluation. On a busy 2-core machine one thread ran a
     nerfacto step 4-6x faster than two (two threads mostly wait for each other)."""
