@@ -34,8 +34,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nerfstudio_distill.guidance import dds, pds, sds
-from nerfstudio_distill.guidance.config import METHODS as GUIDANCE_METHODS
 from nerfstudio_distill.guidance.config import GuidanceConfig
+from nerfstudio_distill.guidance.pds import PDS_WEIGHTING
 from nerfstudio_distill.priors.exact import ExactPrior
 
 METHODS = ("sds", "dds", "pds")
@@ -57,8 +57,8 @@ class Settings:
     pds_rule: str = GuidanceConfig().pds_rule
     """PDS rule: "reference" (published) or "balanced" (conditional edit term, orthogonal identity term);
     default: pds-edit's."""
-    pds_weighting: str = GUIDANCE_METHODS["pds"].weighting
-    """PDS w(t) on its edit term ("chi": the published χ(t)); default: pds-edit's."""
+    pds_weighting: str = PDS_WEIGHTING
+    """PDS w(t) on its edit term; default: pds-edit's, the published χ(t) ("chi")."""
     lr: float = 0.05
     """Peak step size of plain gradient descent."""
     lr_schedule: str = "cosine"

@@ -133,16 +133,12 @@ class Method:
     """Takes each view's camera (VSD: its LoRA is conditioned on it), which only text to 3D has."""
     options: dict[str, str] = field(default_factory=dict)
     """Keyword of ``run`` -> the GuidanceConfig field passed to it."""
-    weighting: str | None = None
-    """w(t) passed when ``GuidanceConfig.weighting`` is None (methods whose ``options`` take one)."""
     module: type[Guidance] = Guidance
     """What ``GuidanceConfig.setup`` builds: a :class:`Guidance` subclass for a method with state."""
 
 
 METHODS: dict[str, Method] = {
-    "sds": Method(
-        sds, edits=True, options={"weighting": "weighting", "grad_clip": "grad_clip"}, weighting="sds"
-    ),
+    "sds": Method(sds, edits=True, options={"weighting": "weighting", "grad_clip": "grad_clip"}),
     "sdi": Method(
         sdi,
         uses_inversion=True,
@@ -153,11 +149,8 @@ METHODS: dict[str, Method] = {
             "num_inversion_steps": "num_inversion_steps",
             "inversion_eta": "inversion_eta",
         },
-        weighting="sds",
     ),
-    "dds": Method(
-        dds, needs_source=True, edits=True, options={"weighting": "weighting"}, weighting="uniform"
-    ),
+    "dds": Method(dds, needs_source=True, edits=True, options={"weighting": "weighting"}),
     "pds": Method(
         pds,
         needs_source=True,
@@ -171,7 +164,6 @@ METHODS: dict[str, Method] = {
             "rule": "pds_rule",
             "weighting": "weighting",
         },
-        weighting=PDS_WEIGHTING,  # published; "sds" arrives faster but held less identity (README)
     ),
     "vsd": Method(
         vsd,
@@ -183,7 +175,6 @@ METHODS: dict[str, Method] = {
             "lora_guidance_scale": "lora_guidance_scale",
             "camera_dropout": "camera_dropout",
         },
-        weighting="sds",
     ),
 }
 """The one table of guidance methods (``--pipeline.guidance.method``), by name."""
@@ -221,7 +212,8 @@ class GuidanceConfig:
     for finer, more local edits; PDS snaps t to its DDIM grid."""
     weighting: Literal["sds", "uniform", "fantasia", "sqrt", "chi"] | None = None
     """w(t): 1−ᾱ_t ("sds"), 1 ("uniform"), √ᾱ_t(1−ᾱ_t) ("fantasia"/"sqrt") or, pds only, its published χ(t)
-    ("chi"). None: the method's published one: "sds" for sds, sdi and vsd, "uniform" for dds, "chi" for pds.
+    ("chi"). None: the method function's default, its published one: "sds" for sds, sdi and vsd, "uniform"
+    for dds, "chi" for pds.
     With pds, w(t) is the weight of the edit term ε̂_tgt − ε̂_src, and the identity term keeps the published
     ratio ψ(t)/χ(t) to it; "sds" makes a pds edit arrive sooner (χ(t)'s weight on small t halves its drift
     against its noise under Adam) but holds less of what the prompt does not concern (README, edit
@@ -340,9 +332,10 @@ class GuidanceConfig:
         """One guidance evaluation at a t drawn for ``progress`` (step / max steps, in [0, 1])."""
         spec = self.spec
         t = self.sample_t(prior, x0.shape[0], progress, generator)
-        options = {keyword: getattr(self, name) for keyword, name in spec.options.items()}
-        if "weighting" in options and options["weighting"] is None:
-            options["weighting"] = spec.weighting
+        # an option left at None takes the function's own default (e.g. each method's published weighting)
+        options = {
+            kw: value for kw, name in spec.options.items() if (value := getattr(self, name)) is not None
+        }
         args: tuple = (x0, prompt)
         if spec.needs_source:
             if x0_src is None:
