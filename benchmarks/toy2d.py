@@ -3,7 +3,8 @@
 Source and target are mixtures of two isotropic Gaussians (std σ) in 2D; the target is the source
 shifted by ``shift`` along x, so the optimal-transport (OT) edit moves every point by exactly
 (shift, 0) and keeps its identity. ``ExactPrior`` gives the closed-form ε̂ of both mixtures. Points
-drawn from the source are optimised with plain gradient descent, x0 ← x0 − lr · grad, where grad is
+drawn from the source are optimised with Adam, as the 3D edits are (``--optimizer gd``: plain gradient
+descent, x0 ← x0 − lr · grad, this toy's optimiser before), where grad is
 what ``nerfstudio_distill.guidance.{sds,dds,pds}`` returns (``encode`` is the identity); DDS and PDS
 use the original points as x0_src, SDS only sees the target prompt. All methods share the prior, the
 CFG scale, the t distribution (the 500-step grid in [2 %, 98 %]), the noise stream and the step budget.
@@ -63,6 +64,10 @@ class Settings:
     """Peak step size of plain gradient descent."""
     lr_schedule: str = "cosine"
     """``"constant"`` or ``"cosine"`` (decay to 0, so the stochastic iterates settle)."""
+    optimizer: str = "adam"
+    """``"adam"``: Adam as the 3D edits run it (nerfstudio's eps 1e-15), whose step follows the gradient's
+    measured scale; ``"gd"``: plain gradient descent, x0 ← x0 − lr · grad, whose
+    stable step depends on the gradient's scale (at CFG 100, PDS with uniform weighting needs lr ≤ 0.005)."""
     t_min: float = 0.02
     """Lowest t as a fraction of T (t lies on the 500-step grid)."""
     t_max: float = 0.98
@@ -145,17 +150,28 @@ def gradient(
 def optimise(
     method: str, prior: ExactPrior, x_src: Float[Tensor, "N 2"], s: Settings, keep_every: int = 0
 ) -> Float[Tensor, "K N 2"]:
-    """Plain gradient descent from the source points. Returns the iterates every ``keep_every`` steps
+    """Adam or plain gradient descent (``s.optimizer``) from the source points. Returns the iterates every ``keep_every`` steps
     after x_src (0: only the final points); the last one is always the final points.
 
     The t / noise stream is seeded identically for every method (common random numbers).
     """
     gen = torch.Generator().manual_seed(s.seed + 1)
     x, kept = x_src.clone(), [x_src] if keep_every else []
+    if s.optimizer not in ("gd", "adam"):
+        raise ValueError(f"unknown optimizer {s.optimizer!r}: use 'gd' or 'adam'")
+    param = torch.nn.Parameter(x)
+    adam = torch.optim.Adam([param], lr=s.lr, eps=1e-15)
     for step in range(1, s.steps + 1):
         t = sample_t(prior, s, len(x), gen)
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        x = x - step_size(s, step - 1) * gradient(method, prior, x, x_src, t, noise, s)
+        grad = gradient(method, prior, x, x_src, t, noise, s)
+        if s.optimizer == "gd":
+            x = x - step_size(s, step - 1) * grad
+        else:
+            adam.param_groups[0]["lr"] = step_size(s, step - 1)
+            param.grad = grad
+            adam.step()
+            x = param.detach().clone()
         if (keep_every and step % keep_every == 0) or step == s.steps:
             kept.append(x)
     return torch.stack(kept)

@@ -1,7 +1,8 @@
 """The 2D toy of ``benchmarks/toy2d.py`` reproduces the PDS paper's comparative analysis.
 
+The paper's behaviours are checked with plain gradient descent (``optimizer="gd"``),
 200 points and 500 steps (near convergence: the displacements are within 0.04 of the 400-point,
-3000-step default run). Bounds sit well away from the measured values (in comments), so a swapped
+3000-step run). Bounds sit well away from the measured values (in comments), so a swapped
 method, a sign error in ψ or χ, or a broken CFG fails them.
 """
 
@@ -14,7 +15,7 @@ import pytest
 
 from benchmarks.toy2d import Settings, main, run
 
-SMALL = {"num_points": 200, "steps": 500}
+SMALL = {"num_points": 200, "steps": 500, "optimizer": "gd"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,11 @@ def test_default_pds_meets_the_goal_at_every_cfg(cfg: float) -> None:
     assert 0.85 < pds["displacement_over_ot"] <= 1.25
     assert pds["in_target"] >= 0.95  # measured 0.97, 0.995, 0.995 ("sds": 0.995 at every CFG)
     assert 0.9 < pds["spread_ratio"] < 1.1  # measured 1.00: no collapse
+
+
+def test_unknown_optimizer_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="use 'gd' or 'adam'"):
+        run(Settings(num_points=4, steps=1, optimizer="sgd"))
 
 
 def test_cli_json_last_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
