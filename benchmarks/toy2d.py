@@ -35,8 +35,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nerfstudio_distill.guidance import dds, pds, sds
+from nerfstudio_distill.guidance.config import METHODS as METHODS_TABLE
 from nerfstudio_distill.guidance.config import GuidanceConfig
-from nerfstudio_distill.guidance.pds import PDS_WEIGHTING
 from nerfstudio_distill.priors.exact import ExactPrior
 
 METHODS = ("sds", "dds", "pds")
@@ -58,10 +58,10 @@ class Settings:
     pds_rule: str = GuidanceConfig().pds_rule
     """PDS rule: "reference" (published) or "balanced" (conditional edit term, orthogonal identity term);
     default: pds-edit's."""
-    pds_weighting: str = PDS_WEIGHTING
-    """PDS w(t) on its edit term; default: pds-edit's, the published χ(t) ("chi")."""
+    pds_weighting: str = METHODS_TABLE["pds"].defaults["weighting"]
+    """PDS w(t) on its edit term; default: pds-edit's ("uniform"; "chi" is the published χ(t))."""
     lr: float = 0.05
-    """Peak step size of plain gradient descent."""
+    """Peak step size (of Adam, or of plain gradient descent)."""
     lr_schedule: str = "cosine"
     """``"constant"`` or ``"cosine"`` (decay to 0, so the stochastic iterates settle)."""
     optimizer: str = "adam"

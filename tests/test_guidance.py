@@ -368,7 +368,8 @@ def test_config_calls_its_method_with_its_options(prior, method):
 
 @pytest.mark.parametrize("method", ["sds", "sdi", "dds", "pds"])
 def test_config_without_weighting_uses_the_method_default(prior, method):
-    """weighting=None: the function's own default, each method's published w(t)."""
+    """weighting=None: each method's published w(t) (the function's own default), except PDS, which takes
+    DDS's uniform weighting from the method table instead of its published χ(t)."""
     x0, src = latents(), latents(5).detach()
     config = GuidanceConfig(method=method, guidance_scale=SCALE)
     assert config.weighting is None
@@ -376,9 +377,14 @@ def test_config_without_weighting_uses_the_method_default(prior, method):
     rng = gen(7)
     t = config.sample_t(prior, x0.shape[0], 0.3, rng)
     args = (x0, "cat") if method in ("sds", "sdi") else (x0, src, "cat", "dog")
-    rule = {"rule": config.pds_rule} if method == "pds" else {}
-    expected = METHODS[method].run(prior, *args, t=t, guidance_scale=SCALE, generator=rng, **rule)
+    ours = {"rule": config.pds_rule, "weighting": "uniform"} if method == "pds" else {}
+    expected = METHODS[method].run(prior, *args, t=t, guidance_scale=SCALE, generator=rng, **ours)
     assert torch.equal(out.grad, expected.grad)
+    if method == "pds":  # not the published χ(t)
+        rng = gen(7)
+        config.sample_t(prior, x0.shape[0], 0.3, rng)
+        published = pds(prior, *args, t=t, guidance_scale=SCALE, generator=rng, rule=config.pds_rule)
+        assert not torch.allclose(out.grad, published.grad)
     defaults = {m: signature(METHODS[m].run).parameters["weighting"].default for m in METHODS}
     assert defaults == dict(sds="sds", sdi="sds", dds="uniform", pds=None, vsd="sds")  # pds: None = "chi"
 
