@@ -66,8 +66,8 @@ class Settings:
     """``"constant"`` or ``"cosine"`` (decay to 0, so the stochastic iterates settle)."""
     optimizer: str = "adam"
     """``"adam"``: Adam as the 3D edits run it (nerfstudio's eps 1e-15), whose step follows the gradient's
-    measured scale; ``"gd"``: plain gradient descent, x0 ← x0 − lr · grad, whose
-    stable step depends on the gradient's scale (at CFG 100, PDS with uniform weighting needs lr ≤ 0.005)."""
+    measured scale; ``"gd"``: plain gradient descent, x0 ← x0 − lr · grad, whose stable step depends on
+    the gradient's scale (at CFG 100, PDS with uniform weighting needs lr ≤ 0.005)."""
     t_min: float = 0.02
     """Lowest t as a fraction of T (t lies on the 500-step grid)."""
     t_max: float = 0.98
@@ -150,8 +150,9 @@ def gradient(
 def optimise(
     method: str, prior: ExactPrior, x_src: Float[Tensor, "N 2"], s: Settings, keep_every: int = 0
 ) -> Float[Tensor, "K N 2"]:
-    """Adam or plain gradient descent (``s.optimizer``) from the source points. Returns the iterates every ``keep_every`` steps
-    after x_src (0: only the final points); the last one is always the final points.
+    """Adam or plain gradient descent (``s.optimizer``) from the source points. Returns the iterates
+    every ``keep_every`` steps after x_src (0: only the final points); the last one is always the final
+    points.
 
     The t / noise stream is seeded identically for every method (common random numbers).
     """
