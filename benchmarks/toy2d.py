@@ -24,6 +24,7 @@ Run ``python benchmarks/toy2d.py`` (table + figure) or ``--json`` (last line is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -100,6 +101,13 @@ def make_problem(s: Settings) -> tuple[ExactPrior, Float[Tensor, "N 2"]]:
     return prior, points.double()
 
 
+OPTIMIZERS = {
+    "gd": torch.optim.SGD,  # plain gradient descent: x0 <- x0 - lr * grad
+    "adam": functools.partial(torch.optim.Adam, eps=1e-15),  # nerfstudio's eps
+}
+"""``Settings.optimizer`` -> the torch optimiser."""
+
+
 def sample_t(prior: ExactPrior, s: Settings, n: int, gen: torch.Generator) -> Int[Tensor, " N"]:
     """t per point on the 500-step DDIM grid between t_min and t_max (past the grid's first point)."""
     grid = prior.timestep_grid(500)
@@ -156,25 +164,20 @@ def optimise(
 
     The t / noise stream is seeded identically for every method (common random numbers).
     """
-    gen = torch.Generator().manual_seed(s.seed + 1)
-    x, kept = x_src.clone(), [x_src] if keep_every else []
-    if s.optimizer not in ("gd", "adam"):
+    if s.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {s.optimizer!r}: use 'gd' or 'adam'")
-    param = torch.nn.Parameter(x)
-    adam = torch.optim.Adam([param], lr=s.lr, eps=1e-15)
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    x = torch.nn.Parameter(x_src.clone())
+    optimizer = OPTIMIZERS[s.optimizer]([x], lr=s.lr)
+    kept = [x_src] if keep_every else []
     for step in range(1, s.steps + 1):
         t = sample_t(prior, s, len(x), gen)
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        grad = gradient(method, prior, x, x_src, t, noise, s)
-        if s.optimizer == "gd":
-            x = x - step_size(s, step - 1) * grad
-        else:
-            adam.param_groups[0]["lr"] = step_size(s, step - 1)
-            param.grad = grad
-            adam.step()
-            x = param.detach().clone()
+        x.grad = gradient(method, prior, x.detach(), x_src, t, noise, s)
+        optimizer.param_groups[0]["lr"] = step_size(s, step - 1)
+        optimizer.step()
         if (keep_every and step % keep_every == 0) or step == s.steps:
-            kept.append(x)
+            kept.append(x.detach().clone())
     return torch.stack(kept)
 
 
