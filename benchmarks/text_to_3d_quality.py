@@ -1,4 +1,4 @@
-"""Text-to-3D scored end to end on CPU: sds-nerfacto vs sdi-nerfacto with the exact prior of one object.
+"""Text-to-3D scored end to end on CPU: sds-nerfacto, sdi-nerfacto (and vsd-nerfacto) with a prior of one object.
 
 The "diffusion model" is the exact prior (:class:`~nerfstudio_distill.priors.exact.ExactPrior`) of
 ``ns-distill-scene`` renders of one object: ``num_prior_views`` cameras on the hemisphere layout
@@ -15,6 +15,12 @@ directions. κ (``--camera-sigma``, degrees) defaults to the set's camera spacin
 a prior camera to its nearest neighbour (6.3° for the 400 default views), a choice made from the set
 alone, not by the held-out scores. ``--camera-sigma 0.63`` (a tenth of it) is the nearest-camera limit;
 the README gives both runs.
+
+``--prior sd`` replaces the exact prior by a network that has learned the same view-prompt set: the small
+Stable Diffusion of ``benchmarks/stand_in_sd.py`` (trained first and kept in ``--workdir``, or given by
+``--sd-model``), loaded by the Stable Diffusion prior as any diffusers folder. It is what VSD needs, a
+"pretrained" UNet for its LoRA to adapt, so ``--methods vsd`` (vsd-nerfacto; its LoRA at its own AdamW lr
+1e-4, the field at the benchmark's) runs only with it.
 
 Both methods train from the same initialisation with the same budget (steps, views per step, seed,
 CFG, t schedule). Scores, on ``num_test_views`` held-out cameras (the hemisphere layout with another
@@ -66,9 +72,11 @@ from nerfstudio_distill.priors.exact import CAMERA_FILE
 
 HEMISPHERE_ELEVATION = (math.degrees(math.asin(0.1)), math.degrees(math.asin(0.95)))
 """Elevation band of ns-distill-scene's hemisphere layout (z in [0.1, 0.95] of the unit sphere)."""
-METHODS = ("sds", "sdi")
-PRIORS = ("view-prompt", "camera")
-"""--prior: view prompts only (the default), or view prompts and each view's camera."""
+METHODS = ("sds", "sdi", "vsd")
+"""Methods the benchmark can train (``--methods``; vsd needs ``--prior sd``, a network for its LoRA)."""
+PRIORS = ("view-prompt", "camera", "sd")
+"""--prior: the exact prior with view prompts only (the default), or with view prompts and each view's
+camera; or "sd", a small Stable Diffusion trained on the view-prompt set (benchmarks/stand_in_sd.py)."""
 
 
 @dataclass
@@ -123,6 +131,11 @@ class Settings:
     """view-prompt: the images labelled by view prompt only; camera: also conditioned on each view's camera."""
     camera_sigma: float | None = None
     """--prior camera: angular bandwidth κ in degrees (None: the prior set's camera spacing)."""
+    lora_lr: float | None = None
+    """VSD: the AdamW learning rate of its LoRA (None: vsd-nerfacto's, 1e-4)."""
+    sd_model: str | None = None
+    """--prior sd: the Stable Diffusion folder (None: train the stand-in on the view-prompt set, in the
+    work folder, with benchmarks/stand_in_sd.py's defaults)."""
 
 
 def camera_angles(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,11 +190,13 @@ def write_view_prior_set(
 
 
 def pipeline_config(s: Settings, method: str, prior_folder: Path, tiny: bool = True):
-    """The sds-nerfacto / sdi-nerfacto pipeline config, set for the exact prior of ``prior_folder``."""
+    """The sds-nerfacto / sdi-nerfacto / vsd-nerfacto pipeline config, set for the prior of ``prior_folder``
+    (an exact-prior set, or with ``--prior sd`` a Stable Diffusion folder)."""
     from method_configs.sdi_nerfacto import sdi_nerfacto
     from method_configs.sds_nerfacto import sds_nerfacto
+    from method_configs.vsd_nerfacto import vsd_nerfacto
 
-    trainer = (sds_nerfacto if method == "sds" else sdi_nerfacto).config
+    trainer = {"sds": sds_nerfacto, "sdi": sdi_nerfacto, "vsd": vsd_nerfacto}[method].config
     pipe = trainer.pipeline
     dm = replace(
         pipe.datamanager,
@@ -233,6 +248,7 @@ def pipeline_config(s: Settings, method: str, prior_folder: Path, tiny: bool = T
     )
     from nerfstudio_distill.guidance.common import TimestepSchedule
     from nerfstudio_distill.priors.config import ExactPriorConfig, PriorConfig
+    from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPriorConfig
 
     guidance = replace(
         pipe.guidance,
@@ -250,7 +266,16 @@ def pipeline_config(s: Settings, method: str, prior_folder: Path, tiny: bool = T
         model=model,
         prompt=s.prompt,
         guidance=guidance,
-        prior=PriorConfig(kind="exact", exact=ExactPriorConfig(folder=prior_folder, sigma=s.sigma)),
+        prior=(
+            PriorConfig(
+                kind="stable-diffusion",
+                stable_diffusion=StableDiffusionPriorConfig(
+                    model=str(prior_folder), dtype="fp32", device="cpu", local_files_only=True
+                ),
+            )
+            if s.prior == "sd"
+            else PriorConfig(kind="exact", exact=ExactPriorConfig(folder=prior_folder, sigma=s.sigma))
+        ),
         prior_resolution=None,
         seed=s.seed,
     ), trainer.optimizers
@@ -266,8 +291,10 @@ def train(s: Settings, method: str, prior_folder: Path) -> tuple[object, float]:
     pipe = config.setup(device="cpu", test_mode="val")
     pipe.start_edit(0, s.steps)
     groups = {name: params for name, params in pipe.get_param_groups().items() if params}
-    optimizer_config = {
-        name: {
+    optimizer_config = {  # the field's groups at the benchmark's lr; VSD's LoRA ("guidance") at its own
+        name: {**group, "optimizer": replace(group["optimizer"], lr=s.lora_lr or group["optimizer"].lr)}
+        if name == "guidance"
+        else {
             "optimizer": replace(group["optimizer"], lr=s.lr),
             "scheduler": replace(group["scheduler"], lr_final=s.lr / 10, max_steps=max(s.steps, 1)),
         }
@@ -353,12 +380,16 @@ def write_pictures(columns: dict[str, list[np.ndarray]], folder: Path, zoom: int
 
 def run(
     s: Settings,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
     workdir: Path | None = None,
     pictures: Path | None = None,
 ) -> dict[str, dict]:
     """Build the prior, train every method, score them; returns ``{method: metrics}`` and, as
     ``"untrained"``, the score of the initial field (the density blob alone), the floor to beat.
+
+    ``methods``: None trains sds and sdi (and vsd with ``--prior sd``). With ``--prior sd`` and no
+    ``sd_model``, the stand-in Stable Diffusion is trained on the view-prompt set first (about 15 minutes on
+    2 cores) and kept in ``workdir`` (reused by the next run there with the same set).
 
     ``pictures``: also write a turntable (24 views on a 30-degree ring) of the ground truth and of each
     method there (:func:`write_pictures`).
@@ -369,6 +400,9 @@ def run(
         folder = Path(workdir or tmp)
         if s.prior not in PRIORS:
             raise ValueError(f"--prior {s.prior}: pass one of {', '.join(PRIORS)}")
+        methods = methods or (METHODS if s.prior == "sd" else METHODS[:2])
+        if "vsd" in methods and s.prior != "sd":
+            raise ValueError("--methods vsd trains a LoRA of a network prior: pass --prior sd")
         prior = write_view_prior_set(
             folder,
             spec,
@@ -378,6 +412,10 @@ def run(
             cameras=s.prior == "camera",
             camera_sigma=s.camera_sigma,
         )
+        if s.prior == "sd":
+            from stand_in_sd import train_stand_in
+
+            prior = Path(s.sd_model) if s.sd_model else train_stand_in(prior, folder / "stand_in_sd")
         test = generate_scene(
             folder / "test",
             spec,
@@ -406,6 +444,13 @@ def main() -> None:
         if name == "prior":
             parser.add_argument("--prior", choices=PRIORS, default=value)
             continue
+        if name == "sd_model":
+            parser.add_argument(
+                "--sd-model",
+                default=None,
+                help="--prior sd: a Stable Diffusion folder (default: train the stand-in)",
+            )
+            continue
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float if value is None else type(value), default=value
         )
@@ -413,19 +458,31 @@ def main() -> None:
     parser.add_argument(
         "--pictures", type=Path, default=None, help="write text_to_3d.gif and text_to_3d.png here"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="default: sds sdi (and vsd with --prior sd)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep the prior set, test scene and stand-in SD here"
+    )
     add_seeds_argument(parser)
     args = vars(parser.parse_args())
     as_json, pictures, seeds = args.pop("json"), args.pop("pictures"), args.pop("seeds")
+    methods, workdir = args.pop("methods"), args.pop("workdir")
+    methods = tuple(methods) if methods else None
     settings = Settings(**args)
     if seeds:
         per_seed = [
-            run(replace(settings, seed=seed), pictures=pictures if i == 0 else None)
+            run(replace(settings, seed=seed), methods, workdir, pictures if i == 0 else None)
             for i, seed in enumerate(seeds)
         ]
         results = {"seeds": seeds, "per_seed": per_seed, **mean_and_spread(per_seed, list(per_seed[0]))}
         names = list(per_seed[0])
     else:
-        results, names = run(settings, pictures=pictures), None
+        results, names = run(settings, methods, workdir, pictures), None
     print(f"{'method':10s} {'PSNR dB':>14s} {'mask IoU':>14s} {'depth err':>14s} {'seconds':>8s}")
     for method in names or list(results):
         r = results[method]
