@@ -378,6 +378,21 @@ def write_pictures(columns: dict[str, list[np.ndarray]], folder: Path, zoom: int
     return paths
 
 
+def resolve_methods(s: Settings, methods: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The methods to train (None: sds and sdi, and vsd with ``--prior sd``); a one-line ValueError for
+    a combination that cannot run."""
+    if s.prior not in PRIORS:
+        raise ValueError(f"--prior {s.prior}: pass one of {', '.join(PRIORS)}")
+    methods = methods or (METHODS if s.prior == "sd" else METHODS[:2])
+    if "vsd" in methods and s.prior != "sd":
+        raise ValueError("--methods vsd trains a LoRA of a network prior: pass --prior sd")
+    if s.sd_model is not None and not Path(s.sd_model).is_dir():
+        raise ValueError(
+            f"--sd-model {s.sd_model} is not a folder: pass a Stable Diffusion folder, or leave it out"
+        )
+    return methods
+
+
 def run(
     s: Settings,
     methods: tuple[str, ...] | None = None,
@@ -398,11 +413,7 @@ def run(
     common = dict(radius=s.radius, fov=s.fov, width=s.resolution, height=s.resolution, layout="hemisphere")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(workdir or tmp)
-        if s.prior not in PRIORS:
-            raise ValueError(f"--prior {s.prior}: pass one of {', '.join(PRIORS)}")
-        methods = methods or (METHODS if s.prior == "sd" else METHODS[:2])
-        if "vsd" in methods and s.prior != "sd":
-            raise ValueError("--methods vsd trains a LoRA of a network prior: pass --prior sd")
+        methods = resolve_methods(s, methods)
         prior = write_view_prior_set(
             folder,
             spec,
@@ -474,6 +485,10 @@ def main() -> None:
     methods, workdir = args.pop("methods"), args.pop("workdir")
     methods = tuple(methods) if methods else None
     settings = Settings(**args)
+    try:
+        resolve_methods(settings, methods)
+    except ValueError as e:
+        parser.error(str(e))  # one line and exit status 2, before anything is written
     if seeds:
         per_seed = [
             run(replace(settings, seed=seed), methods, workdir, pictures if i == 0 else None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,3 +84,20 @@ def test_vsd_through_the_benchmark_trains_its_lora_at_its_own_learning_rate(prio
 def test_vsd_needs_the_network_prior():
     with pytest.raises(ValueError, match="--prior sd"):
         run(Settings(resolution=RES, steps=0), methods=("vsd",))
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--methods", "vsd"], "pass --prior sd"),
+        (["--prior", "sd", "--sd-model", "/no/such"], "is not a folder"),
+    ],
+)
+def test_bad_benchmark_flags_are_one_line(args, needle, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "text_to_3d_quality.py"
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--workdir", str(tmp_path / "w")], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert needle in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()  # nothing written
