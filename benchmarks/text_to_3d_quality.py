@@ -403,7 +403,7 @@ def run(
     ``"untrained"``, the score of the initial field (the density blob alone), the floor to beat.
 
     ``methods``: None trains sds and sdi (and vsd with ``--prior sd``). With ``--prior sd`` and no
-    ``sd_model``, the stand-in Stable Diffusion is trained on the view-prompt set first (about 15 minutes on
+    ``sd_model``, the stand-in Stable Diffusion is trained on the view-prompt set first (about 16 minutes on
     2 cores) and kept in ``workdir`` (reused by the next run there with the same set).
 
     ``pictures``: also write a turntable (24 views on a 30-degree ring) of the ground truth and of each
