@@ -60,8 +60,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / max(float((a.clamp(0, 1) - b).pow(2).mean()), 1e-10))
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, log) -> dict[str, float]:
-    """Autoencoder training of ``vae`` on ``images``; sets its scaling factor; returns its figures."""
+def train_vae(
+    vae, images: torch.Tensor, steps: int, batch: int, lr: float, log
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Autoencoder training of ``vae`` on ``images``; sets its scaling factor; returns its figures and the
+    scaled latents of ``images`` (posterior means times that factor), which the UNet trains on."""
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 10)
     x = images * 2 - 1
@@ -85,12 +88,13 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, log)
         recon = torch.cat([vae.decode(z[i : i + 64]).sample for i in range(0, len(z), 64)])
     scale = 1.0 / float(z.std())
     vae.register_to_config(scaling_factor=scale)
-    return {
+    report = {
         "vae_loss_first": first,
         "vae_loss": loss.item(),
         "vae_psnr": psnr((recon + 1) / 2, images),
         "scaling_factor": scale,
     }
+    return report, z * scale
 
 
 def train_unet(
@@ -134,6 +138,7 @@ def denoising_psnr(
 ) -> dict[str, float]:
     """One-step x̂0 PSNR (decoded, against the clean image) of the stand-in and of the exact prior of the
     set, on the same ``count`` images of the set noised at each fraction of T (the same noise)."""
+    from nerfstudio_distill.guidance.common import add_noise, predict_x0
     from nerfstudio_distill.priors.base import Condition
     from nerfstudio_distill.priors.stable_diffusion import StableDiffusionPrior
 
@@ -149,17 +154,16 @@ def denoising_psnr(
         x0 = prior.encode(images)
         for f in fractions:
             t = torch.full((count,), int(f * prior.num_train_timesteps))
-            noise = torch.randn(x0.shape, generator=gen)
-            a = prior.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            x_t = add_noise(prior.alphas_cumprod, x0, torch.randn(x0.shape, generator=gen), t)
             eps = torch.cat(  # one group (the image's prompt) of one row per call, CFG off
                 [
                     prior.predict_noise(x_t[None, i : i + 1], t[i : i + 1], [Condition(p)], 1.0)[0]
                     for i, p in enumerate(prompts)
                 ]
             )
-            x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-            out[f"{name}_psnr_t{f}"] = psnr(prior.decode(x0_hat), images)
+            out[f"{name}_psnr_t{f}"] = psnr(
+                prior.decode(predict_x0(prior.alphas_cumprod, x_t, eps, t)), images
+            )
     return out
 
 
@@ -196,14 +200,8 @@ def train_stand_in(
     parts = tiny_components(seed=seed)
     vae, text_encoder, tokenizer = parts["vae"], parts["text_encoder"], parts["tokenizer"]
     torch.manual_seed(seed)
-    report = train_vae(vae, images, vae_steps, batch, 1e-3, log)
+    report, latents = train_vae(vae, images, vae_steps, batch, 1e-3, log)
     with torch.no_grad():
-        latents = (
-            torch.cat(
-                [vae.encode(images[i : i + 64] * 2 - 1).latent_dist.mean for i in range(0, len(images), 64)]
-            )
-            * vae.config.scaling_factor
-        )
         names = sorted(set(prompts)) + [""]
         tokens = tokenizer(names, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         table = dict(zip(names, text_encoder(tokens.input_ids)[0], strict=True))
